@@ -1,0 +1,29 @@
+# Everything runs inside .venv/ in the repository root, created on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.nnssl-installed
+# pytest exits 5 when it collected no test; that is a broken suite, not a pass, so it is reported.
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; fi; exit $$rc
+
+demo: $(STAMP)
+	$(VENV)/bin/nnssl_demo $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m bench.run $(ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,77 @@
+"""Environment variables, read when used (as nnU-Net's ``paths.py`` does), with errors that say what to set.
+
+nnU-Net's own variables (``nnUNet_raw``, ``nnUNet_preprocessed``, ``nnUNet_results``) keep their meaning;
+``nnssl_results`` is ours: pretraining runs live in ``$nnssl_results/<method>/<run>/``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nnssl.errors import NnsslError
+
+_PURPOSE = {
+    "nnUNet_raw": "the folder with raw datasets in nnU-Net format (DatasetXXX_Name/imagesTr, ...)",
+    "nnUNet_preprocessed": "the folder nnUNetv2_plan_and_preprocess writes to",
+    "nnUNet_results": "the folder nnUNetv2_train writes trained models to",
+    "nnssl_results": "the folder nnssl_pretrain writes pretraining runs to",
+}
+
+
+def env_dir(name: str, must_exist: bool = True) -> Path:
+    """The folder named by environment variable ``name``; a clear NnsslError if unset or missing."""
+    value = os.environ.get(name)
+    if not value:
+        raise NnsslError(
+            f"Environment variable {name} is not set. It must point to {_PURPOSE.get(name, 'a folder')}.\n"
+            f"Set it, for example: export {name}=/data/{name}"
+        )
+    path = Path(value)
+    if must_exist and not path.is_dir():
+        raise NnsslError(
+            f"{name}={value} does not exist or is not a folder. Create it (mkdir -p {value}) "
+            f"or point {name} to {_PURPOSE.get(name, 'an existing folder')}."
+        )
+    return path
+
+
+def nnssl_results() -> Path:
+    return env_dir("nnssl_results", must_exist=False)
+
+
+def nnunet_raw() -> Path:
+    return env_dir("nnUNet_raw")
+
+
+def nnunet_preprocessed() -> Path:
+    return env_dir("nnUNet_preprocessed")
+
+
+def nnunet_results() -> Path:
+    return env_dir("nnUNet_results", must_exist=False)
+
+
+def dataset_folder(root: Path, dataset: str | int, root_variable: str) -> Path:
+    """``root/DatasetXXX_Name`` for a dataset id (``3``, ``"003"``) or full name; errors list what exists."""
+    text = str(dataset)
+    if text.startswith("Dataset"):
+        candidates = [root / text]
+    else:
+        try:
+            number = int(text)
+        except ValueError:
+            raise NnsslError(
+                f"Dataset '{text}' is neither an nnU-Net dataset id (e.g. 3 or 003) nor a name "
+                f"like Dataset003_Liver."
+            ) from None
+        candidates = sorted(root.glob(f"Dataset{number:03d}_*")) if root.is_dir() else []
+    found = [c for c in candidates if c.is_dir()]
+    if len(found) == 1:
+        return found[0]
+    existing = sorted(p.name for p in root.glob("Dataset*")) if root.is_dir() else []
+    if len(found) > 1:
+        raise NnsslError(f"Dataset id {text} matches several folders in ${root_variable} ({root}): "
+                         f"{[p.name for p in found]}. Use the full name.")
+    raise NnsslError(
+        f"No dataset '{text}' in ${root_variable} ({root}). Present: {existing or 'none'}."
+    )

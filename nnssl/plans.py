@@ -1,0 +1,36 @@
+"""Access to the declarative plans in ``plans/`` (installed as ``nnssl/plans``)."""
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+from nnssl.errors import NnsslError
+
+
+def plans_dir() -> Path:
+    """The installed ``nnssl/plans``; in an editable install, the checkout's ``plans/``."""
+    installed = Path(__file__).resolve().parent / "plans"
+    if installed.is_dir():
+        return installed
+    checkout = Path(__file__).resolve().parent.parent / "plans"
+    if checkout.is_dir():
+        return checkout
+    raise NnsslError(f"nnssl's plans folder is missing (looked in {installed} and {checkout}); "
+                     f"reinstall nnssl: pip install --force-reinstall nnssl")
+
+
+def load_plan(relative_path: str) -> dict[str, Any]:
+    path = plans_dir() / relative_path
+    if not path.is_file():
+        raise NnsslError(f"Plan file {path} does not exist.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise NnsslError(f"Plan file {path} is not valid JSON: {err}") from None
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
