@@ -31,7 +31,7 @@ from nnssl.errors import NnsslError, exit_on_user_error
 from nnssl.io import load_json
 from nnssl.networks import BackbonePreset, ENCODER_PREFIX, build_swinunetr, get_preset
 from nnssl.networks.swinunetr import swin_patch_size
-from nnssl.paths import nnssl_results
+from nnssl.paths import nnssl_results, nnunet_results
 from nnssl.schedules import EpochWarmupCosineLR
 
 PLANS_KEY = "nnssl"  # our section inside the configuration of the plans the trainer saves
@@ -80,6 +80,8 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         continuing = bool(plans.get("continue_training", False))
+        with exit_on_user_error(PROG):
+            nnunet_results()  # nnU-Net would fail later with a bare traceback
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = self.initial_lr_default
         self.weight_decay = self.weight_decay_default

@@ -1,0 +1,120 @@
+"""Shared fixtures: one set of nnU-Net folders per test session, tiny synthetic data, real console scripts.
+
+Everything expensive (planning/preprocessing, a scratch training, a pretraining corpus) is made once per
+session and shared; tests that change things copy what they need into their own ``tmp_path``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from nnssl.data.synthetic import write_task
+
+BIN = Path(sys.executable).parent
+CT_TASK_ID, CT_TASK_NAME = 990, "SynthCT"
+
+# Small-CPU settings for nnU-Net and nnssl: no worker pools, tiny network, few iterations.
+TEST_ENV = {
+    "nnUNet_def_n_proc": "1",
+    "nnUNet_n_proc_DA": "0",
+    "nnUNet_compile": "false",
+    "nnssl_backbone": "tiny",
+    "nnssl_num_epochs": "2",
+    "nnssl_iterations_per_epoch": "3",
+    "OMP_NUM_THREADS": "2",
+    "PYTHONWARNINGS": "ignore",
+}
+
+
+def run_cli(*args: str | os.PathLike, env: dict[str, str] | None = None, timeout: float = 600,
+            check: bool = True, cwd: os.PathLike | None = None) -> subprocess.CompletedProcess:
+    """Run an installed console script (``nnUNetv2_train``, ``nnssl_pretrain``, ...) in a subprocess.
+
+    ``env`` entries are added to the current environment (an entry set to None is removed there).
+    With ``check``, a non-zero exit fails the test and shows the command's output.
+    """
+    full_env = dict(os.environ)
+    for key, value in (env or {}).items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
+    command = [str(BIN / str(args[0])), *map(str, args[1:])]
+    result = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {result.returncode}\n--- stdout ---\n{result.stdout[-6000:]}"
+                    f"\n--- stderr ---\n{result.stderr[-6000:]}")
+    return result
+
+
+def plan_and_preprocess(dataset_id: int, *extra: str) -> None:
+    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which rejects the 0 used for training
+    run_cli("nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "3d_fullres", "-np", "1",
+            "--verify_dataset_integrity", *extra, env={"nnUNet_n_proc_DA": "1"})
+
+
+@dataclass
+class NnunetFolders:
+    raw: Path
+    preprocessed: Path
+    results: Path
+    nnssl_results: Path
+
+
+@pytest.fixture(scope="session")
+def nnunet_env(tmp_path_factory) -> NnunetFolders:
+    """Session-wide nnU-Net/nnssl folders, exported as environment variables for every subprocess."""
+    root = tmp_path_factory.mktemp("nnunet")
+    folders = NnunetFolders(root / "raw", root / "preprocessed", root / "results", root / "nnssl_results")
+    for path in vars(folders).values():
+        path.mkdir()
+    saved = dict(os.environ)
+    os.environ.update({
+        "nnUNet_raw": str(folders.raw),
+        "nnUNet_preprocessed": str(folders.preprocessed),
+        "nnUNet_results": str(folders.results),
+        "nnssl_results": str(folders.nnssl_results),
+        **TEST_ENV,
+    })
+    yield folders
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@dataclass
+class Task:
+    dataset_id: int
+    name: str
+    raw: Path
+    preprocessed: Path
+
+    @property
+    def dataset(self) -> str:
+        return f"Dataset{self.dataset_id:03d}_{self.name}"
+
+
+@pytest.fixture(scope="session")
+def ct_task(nnunet_env) -> Task:
+    """Synthetic CT task (8 training + 2 test cases), planned and preprocessed by the real nnU-Net script."""
+    raw = write_task(nnunet_env.raw, CT_TASK_ID, CT_TASK_NAME, num_training=8, num_test=2, seed=1)
+    plan_and_preprocess(CT_TASK_ID)
+    return Task(CT_TASK_ID, CT_TASK_NAME, raw, nnunet_env.preprocessed / raw.name)
+
+
+@pytest.fixture(scope="session")
+def trained_scratch(ct_task, nnunet_env) -> Path:
+    """Fold 0 of SwinUNETR_Scratch_Trainer (tiny backbone, 2 epochs x 3 iterations), trained for real."""
+    run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "0", "-tr", "SwinUNETR_Scratch_Trainer",
+            "-device", "cpu")
+    return nnunet_env.results / ct_task.dataset / "SwinUNETR_Scratch_Trainer__nnUNetPlans__3d_fullres"
+
+
+def copy_tree(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
