@@ -14,10 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from nnssl.data.synthetic import write_task
+from nnssl.data.synthetic import write_corpus, write_task
 
 BIN = Path(sys.executable).parent
 CT_TASK_ID, CT_TASK_NAME = 990, "SynthCT"
+CORPUS_ID = 501
+# nnssl_pretrain options for a few-second CPU run: tiny Swin, 32^3 crops, batch 2, no worker processes
+TINY_PRETRAIN = ("--backbone", "tiny", "--patch-size", "32", "32", "32", "--batch-size", "2", "--device", "cpu",
+                 "--num-workers", "0")
 
 # Small-CPU settings for nnU-Net and nnssl: no worker pools, tiny network, few iterations.
 TEST_ENV = {
@@ -46,7 +50,8 @@ def run_cli(*args: str | os.PathLike, env: dict[str, str] | None = None, timeout
         else:
             full_env[key] = value
     command = [str(BIN / str(args[0])), *map(str, args[1:])]
-    result = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    result = subprocess.run(command, env=full_env, capture_output=True, text=True, encoding="utf-8",
+                            errors="replace", timeout=timeout, cwd=cwd)
     if check and result.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited {result.returncode}\n--- stdout ---\n{result.stdout[-6000:]}"
                     f"\n--- stderr ---\n{result.stderr[-6000:]}")
@@ -113,6 +118,28 @@ def trained_scratch(ct_task, nnunet_env) -> Path:
     run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "0", "-tr", "SwinUNETR_Scratch_Trainer",
             "-device", "cpu")
     return nnunet_env.results / ct_task.dataset / "SwinUNETR_Scratch_Trainer__nnUNetPlans__3d_fullres"
+
+
+@pytest.fixture(scope="session")
+def pretrain_corpus(nnunet_env, tmp_path_factory) -> int:
+    """Dataset501_CTcorpus: 6 synthetic CT volumes through the real nnssl_prepare_corpus (2 mm, body masks)."""
+    raw = tmp_path_factory.mktemp("raw_ct_corpus")
+    write_corpus(raw, 6, seed=5)
+    run_cli("nnssl_prepare_corpus", "-i", raw, "-d", CORPUS_ID, "-n", "CTcorpus", "-np", "1")
+    return CORPUS_ID
+
+
+def pretrain_run(method: str, *extra: str, run: str | None = None, epochs: int = 2, steps_per_epoch: int = 5,
+                 check: bool = True, env: dict[str, str] | None = None, timeout: float = 600):
+    """Run the real ``nnssl_pretrain`` on the session corpus (tiny settings); returns (result, run folder).
+
+    Needs the ``pretrain_corpus`` fixture. ``extra`` options are appended (later options win).
+    """
+    run = run or f"test_{method}"
+    result = run_cli("nnssl_pretrain", "-m", method, "-d", str(CORPUS_ID), *TINY_PRETRAIN, "--epochs", str(epochs),
+                     "--steps-per-epoch", str(steps_per_epoch), "--run", run, *extra, check=check, env=env,
+                     timeout=timeout)
+    return result, Path(os.environ["nnssl_results"]) / method / run
 
 
 def copy_tree(source: Path, target: Path) -> Path:

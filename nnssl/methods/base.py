@@ -40,19 +40,21 @@ class MaskSpec:
 class ViewSpec:
     """What a method asks the loader for, per sample.
 
-    ``global_scale``/``local_scale``: side of the sampled region relative to the output side (a random
-    resized crop: > 1 zooms out, < 1 zooms in). ``shared_region``: if set, all global views are cut at
-    random offsets from one region this many times the patch side (SMIT's overlapping views).
-    ``augment``: ``"light"`` (flips, mild intensity) or ``"strong"`` (contrastive: flips, rot90, intensity
-    scale/shift, noise, blur, gamma).
+    All views of one sample are cut from one random region of the volume whose side is ``region_factor``
+    times the patch side (so views overlap; SMIT's "two views from one larger region"). A global view
+    covers a cube of side ``region * s`` with ``s`` drawn from ``global_scale``, resized to the patch size
+    (a 3D random resized crop); a local view covers ``region * s``, ``s`` from ``local_scale``, resized to
+    ``local_size``. With the defaults a global view is a plain patch-sized crop. ``augment``: ``"light"``
+    (flips, mild intensity) or ``"strong"`` (contrastive: flips, intensity scale/shift, contrast, gamma,
+    noise, blur), drawn independently per view.
     """
 
     global_views: int = 1
     local_views: int = 0
     local_size: tuple[int, int, int] | None = None
+    region_factor: float = 1.0
     global_scale: tuple[float, float] = (1.0, 1.0)
-    local_scale: tuple[float, float] = (0.5, 1.0)
-    shared_region: float | None = None
+    local_scale: tuple[float, float] = (0.3, 0.6)
     augment: Literal["light", "strong"] = "light"
     mask: MaskSpec | None = None
     rotate: Literal["axial", "any"] | None = None
@@ -100,3 +102,7 @@ class SSLMethod(nn.Module):
     def frozen_parameters(self, epoch: float) -> Iterable[nn.Parameter]:
         """Parameters whose gradients the loop drops at this epoch (e.g. DINO's last layer in epoch 0)."""
         return ()
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        # DistributedDataParallel synchronises gradients of what runs through forward(), so the loop calls this.
+        return self.loss(batch)

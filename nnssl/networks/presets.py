@@ -29,8 +29,8 @@ class BackbonePreset:
 
     @property
     def stride(self) -> int:
-        """Total downsampling of the deepest stage: patch embedding then three patch mergings."""
-        return self.patch_size * 2 ** (len(self.depths) - 1)
+        """Total downsampling of the deepest output: patch embedding, then MONAI merges patches after every stage."""
+        return self.patch_size * 2 ** len(self.depths)
 
     @property
     def divisor(self) -> int:

@@ -1,0 +1,74 @@
+"""nnssl_pretrain: self-supervised pretraining of a Swin encoder on an nnU-Net-preprocessed CT corpus."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from nnssl.errors import exit_on_user_error
+
+
+def _list_methods() -> str:
+    from nnssl.methods.registry import METHODS, list_methods
+
+    rows = [(name, METHODS[name].family, METHODS[name].description) for name in list_methods()]
+    width = max(len(r[0]) for r in rows)
+    family_width = max(len(r[1]) for r in rows)
+    return "\n".join(f"{n:<{width}}  {f:<{family_width}}  {d}" for n, f, d in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="nnssl_pretrain",
+        description="Pretrain a Swin encoder with an SSL method on nnU-Net-preprocessed data. Defaults come from "
+                    "plans/pretrain/<method>.json (paper scale); options here override them. Output: "
+                    "$nnssl_results/<method>/<run>/ (config.json, log.csv, progress.png, checkpoints, "
+                    "encoder_final.pth).")
+    parser.add_argument("-m", dest="method", help="SSL method (see --list-methods)")
+    parser.add_argument("-d", dest="datasets", nargs="+", help="nnU-Net dataset id(s) or name(s); several are pooled")
+    parser.add_argument("-c", dest="configuration", help="nnU-Net configuration (default 3d_fullres)")
+    parser.add_argument("-p", dest="plans", help="nnU-Net plans identifier (default nnUNetPlans)")
+    parser.add_argument("--backbone", help="Swin preset: paper, monai, tiny (plans/backbones.json)")
+    parser.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                        help="crop size in voxels, multiples of 32 (default: the backbone's input size)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--steps-per-epoch", type=int, help="default: one pass over the corpus")
+    parser.add_argument("--batch-size", type=int, help="per GPU/process")
+    parser.add_argument("--lr", type=float, help="peak learning rate (absolute)")
+    parser.add_argument("--num-workers", type=int, help="data-loading worker processes per GPU/process")
+    parser.add_argument("--device", choices=("cuda", "cpu"))
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--run", "--run-name", dest="run",
+                        help="run name (default: <backbone>_d<dataset ids>); under torchrun write --run-name, "
+                             "since torchrun reads --run as its own --run-path")
+    parser.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    parser.add_argument("--plans-override", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="any setting of plans/pretrain/<method>.json, e.g. grad_clip=1.0 method.mask_ratio=0.6")
+    parser.add_argument("--list-methods", action="store_true", help="list the registered SSL methods and exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with exit_on_user_error("nnssl_pretrain"):
+        if args.list_methods:
+            print(_list_methods())
+            return 0
+        if not args.method or not args.datasets:
+            parser.error("-m METHOD and -d DATASET are required (or --list-methods)")
+        from nnssl.pretrain.config import resolve_config
+        from nnssl.pretrain.loop import RunInterrupted, pretrain
+
+        cli = {"configuration": args.configuration, "plans": args.plans, "backbone": args.backbone,
+               "patch_size": args.patch_size, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
+               "batch_size": args.batch_size, "lr": args.lr, "num_workers": args.num_workers,
+               "device": args.device, "seed": args.seed, "run": args.run}
+        config = resolve_config(args.method, args.datasets, cli, args.plans_override)
+        try:
+            result = pretrain(config, resume=args.resume)
+        except RunInterrupted as stop:
+            print(f"nnssl_pretrain: {stop}", file=sys.stderr)
+            return 128 + stop.signal_number
+        print(f"encoder: {result.encoder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

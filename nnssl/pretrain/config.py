@@ -1,0 +1,131 @@
+"""The resolved settings of a pretraining run: defaults here, then ``plans/pretrain/<method>.json``, then the
+command line, then ``--plans-override key=value``. The run folder's ``config.json`` records the result."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from nnssl.errors import NnsslError
+from nnssl.methods.registry import method_defaults
+from nnssl.plans import load_plan, plans_dir
+
+
+@dataclass
+class PretrainConfig:
+    """Loop settings shared by every method. Learning rates are absolute (for ``batch_size`` per GPU times the
+    number of GPUs and ``accumulate``); the per-method plans give the papers' values for their batch sizes."""
+
+    method: str
+    datasets: list[str]
+    configuration: str = "3d_fullres"
+    plans: str = "nnUNetPlans"
+    backbone: str = "paper"
+    patch_size: list[int] | None = None  # default: the backbone preset's input_size
+    run: str | None = None  # default: "<backbone>_<dataset ids>"
+    epochs: int = 100
+    steps_per_epoch: int | None = None  # default: one pass over the corpus per epoch (volumes / global batch)
+    batch_size: int = 4
+    accumulate: int = 1
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.05
+    weight_decay_end: float | None = None  # cosine schedule to this value (DINO: 0.04 -> 0.4); None = constant
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float | None = 3.0
+    drop_path_rate: float = 0.1
+    amp: str = "auto"  # auto: bf16 (or fp16 + GradScaler) on CUDA, off on CPU; or bf16, fp16, off
+    compile: bool = False
+    channels_last: bool = False
+    num_workers: int = 4
+    device: str = "cuda"
+    seed: int = 0
+    checkpoint_every: int = 500  # steps between checkpoint_latest.pth writes
+    log_every: int = 1
+    nonfinite: str = "stop"  # stop: save nothing, exit with an error; skip: drop the step (at most max_skipped)
+    max_skipped: int = 20
+    method_params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+FIELD_NAMES = [f.name for f in fields(PretrainConfig)]
+_CHOICES = {"amp": ("auto", "bf16", "fp16", "off"), "nonfinite": ("stop", "skip"), "device": ("cuda", "cpu")}
+
+
+def _coerce(key: str, value: Any, example: Any) -> Any:
+    """Command-line strings -> the type of the default (JSON syntax for lists, bools and numbers)."""
+    if not isinstance(value, str) or isinstance(example, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        if example is None or isinstance(example, str):
+            return value
+        raise NnsslError(f"--plans-override {key}={value}: cannot read '{value}' as a value "
+                         f"like {json.dumps(example)}.") from None
+
+
+def resolve_config(method: str, datasets: list[str], cli: dict[str, Any],
+                   overrides: list[str] | None = None) -> PretrainConfig:
+    """Merge defaults <- plans/pretrain/<method>.json <- ``cli`` (None values ignored) <- ``overrides``.
+
+    ``overrides`` are ``key=value`` strings; ``method.<name>=value`` sets a method hyperparameter. Unknown keys
+    are errors that list the valid ones.
+    """
+    plan_file = plans_dir() / "pretrain" / f"{method}.json"
+    plan = load_plan(f"pretrain/{method}.json") if plan_file.is_file() else {}
+    values: dict[str, Any] = {k: v for k, v in plan.items() if not k.startswith("_") and k != "description"}
+    values["method_params"] = values.pop("method", {})
+    values.update({k: v for k, v in cli.items() if v is not None})
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise NnsslError(f"--plans-override expects key=value, got '{item}'.")
+        if key.startswith("method."):
+            name = key[len("method."):]
+            valid = method_defaults(method)
+            if name not in valid:
+                raise NnsslError(f"--plans-override {item}: method '{method}' has no hyperparameter '{name}'. "
+                                 f"Valid: {sorted(valid)}.")
+            values["method_params"][name] = _coerce(key, raw, valid[name])
+        else:
+            if key not in FIELD_NAMES or key in ("method", "datasets"):
+                raise NnsslError(f"--plans-override {item}: unknown setting '{key}'. Valid: "
+                                 f"{sorted(set(FIELD_NAMES) - {'method', 'datasets', 'method_params'})} "
+                                 f"or method.<hyperparameter>.")
+            values[key] = _coerce(key, raw, getattr(PretrainConfig(method, datasets), key))
+    unknown = sorted(set(values) - set(FIELD_NAMES))
+    if unknown:
+        raise NnsslError(f"{plan_file}: unknown setting(s) {unknown}. Valid: {sorted(FIELD_NAMES)} "
+                         f"(method hyperparameters go under \"method\").")
+    valid_params = method_defaults(method)
+    bad_params = sorted(set(values["method_params"]) - set(valid_params))
+    if bad_params:
+        raise NnsslError(f"{plan_file}: method '{method}' has no hyperparameter(s) {bad_params}. "
+                         f"Valid: {sorted(valid_params)}.")
+    values.pop("method", None)
+    values.pop("datasets", None)
+    config = PretrainConfig(method=method, datasets=[str(d) for d in datasets], **values)
+    _validate(config)
+    return config
+
+
+def _validate(config: PretrainConfig) -> None:
+    for key, choices in _CHOICES.items():
+        if getattr(config, key) not in choices:
+            raise NnsslError(f"Setting {key}={getattr(config, key)!r} is not one of {list(choices)}.")
+    positive = ["epochs", "batch_size", "accumulate", "checkpoint_every", "log_every"]
+    for key in positive:
+        if not isinstance(getattr(config, key), int) or getattr(config, key) < 1:
+            raise NnsslError(f"Setting {key}={getattr(config, key)!r} must be a whole number >= 1.")
+    if config.steps_per_epoch is not None and config.steps_per_epoch < 1:
+        raise NnsslError(f"--steps-per-epoch must be >= 1, got {config.steps_per_epoch}.")
+    if config.lr <= 0:
+        raise NnsslError(f"--lr must be > 0, got {config.lr}.")
+    if config.num_workers < 0:
+        raise NnsslError(f"--num-workers must be >= 0, got {config.num_workers}.")
+    if config.patch_size is not None and (len(config.patch_size) != 3 or any(s % 32 for s in config.patch_size)):
+        raise NnsslError(f"patch_size {config.patch_size} must be three sides, each a multiple of 32 (Swin).")

@@ -1,0 +1,168 @@
+"""Everything a pretraining run keeps on disk: lock, log.csv, progress.png and checkpoints.
+
+``$nnssl_results/<method>/<run>/`` holds ``config.json``, ``log.csv`` (one row per logged step),
+``progress.png``, ``checkpoint_latest.pth`` (every ``checkpoint_every`` steps; the one before it is kept as
+``checkpoint_previous.pth``), ``checkpoint_final.pth``, ``encoder_final.pth`` and, for methods with a
+teacher, ``encoder_teacher_final.pth``. Every file is written atomically.
+"""
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nnssl.errors import NnsslError
+from nnssl.io import atomic_path, save_text, save_torch
+
+CHECKPOINT_FORMAT = "nnssl-pretrain-checkpoint"
+LATEST, PREVIOUS, FINAL = "checkpoint_latest.pth", "checkpoint_previous.pth", "checkpoint_final.pth"
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``run.lock``: two processes never write one run folder at once.
+
+    The kernel drops the lock when its process dies (even by SIGKILL), so a stale lock never blocks a resume.
+    """
+
+    def __init__(self, folder: Path):
+        self.path = folder / "run.lock"
+        self._file = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise NnsslError(f"Run folder {self.path.parent} is in use by {owner}. Wait for it to finish, stop it, "
+                             f"or choose another --run NAME.") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self._file = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+
+
+class CsvLog:
+    """``log.csv``: appended and flushed per row; on resume, rows after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.columns: list[str] | None = None
+        if path.is_file() and path.stat().st_size:
+            with open(path, newline="") as f:
+                self.columns = next(csv.reader(f), None)
+
+    def truncate_after(self, step: int) -> None:
+        if self.columns is None:
+            return
+        rows = [row for row in self.rows() if int(row["step"]) <= step]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        save_text(buffer.getvalue(), self.path)
+
+    def rows(self) -> list[dict[str, str]]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def append(self, row: dict[str, Any]) -> None:
+        if self.columns is None:
+            self.columns = list(row)
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(self.columns)
+        missing = [c for c in row if c not in self.columns]
+        if missing:
+            raise RuntimeError(f"log.csv columns {self.columns} lack {missing}; a method must log the same terms every step")
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.columns).writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def plot_progress(log: CsvLog, path: Path, title: str, terms: list[str]) -> None:
+    """``progress.png``: the method's logged ``terms`` (losses and statistics) and the learning rate by step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = log.rows()
+    if not rows:
+        return
+    steps = [int(r["step"]) for r in rows]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
+    for term in terms:
+        ax_loss.plot(steps, [float(r[term]) for r in rows], label=term, linewidth=1.5 if term == "loss" else 1)
+    ax_loss.set_ylabel("value")
+    ax_loss.set_title(title)
+    ax_loss.legend(fontsize=8, ncol=2)
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot(steps, [float(r["lr"]) for r in rows], color="tab:gray")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def save_checkpoint(folder: Path, state: dict[str, Any], final: bool = False) -> None:
+    """Write ``checkpoint_latest.pth`` (keeping the one it replaces as ``checkpoint_previous.pth``) or the final one."""
+    state = {"format": CHECKPOINT_FORMAT, **state}
+    if final:
+        save_torch(state, folder / FINAL)
+        return
+    latest = folder / LATEST
+    with atomic_path(latest) as tmp:
+        torch.save(state, tmp)
+        if latest.is_file():
+            os.replace(latest, folder / PREVIOUS)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated zip, pickle errors, ...
+        raise NnsslError(f"Checkpoint {path} is corrupt or truncated ({type(err).__name__}: {err}).") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise NnsslError(f"{path} is not an nnssl pretraining checkpoint.")
+    return state
+
+
+def latest_good_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable checkpoint to resume from (latest, else previous); None if the run has none.
+
+    A corrupt ``checkpoint_latest.pth`` falls back to ``checkpoint_previous.pth``; if both are unusable the
+    error says so and what to do.
+    """
+    errors = []
+    for name in (LATEST, PREVIOUS):
+        path = folder / name
+        if path.is_file():
+            try:
+                return path, load_checkpoint(path)
+            except NnsslError as err:
+                errors.append(str(err))
+    if errors:
+        raise NnsslError("Cannot resume: " + " ".join(errors) + f" Delete the damaged files in {folder} to start "
+                         f"the run again, or start a new --run.")
+    return None
