@@ -8,8 +8,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -40,6 +38,8 @@ def save_text(text: str, path: str | os.PathLike) -> None:
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    import torch  # here, not at the top: light tools (nnssl_benchmark --dry-run, nnssl_fewshot) start faster
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 

@@ -31,6 +31,7 @@ TISSUE_INTENSITY = {
     "kidney": (150.0, 420.0),
     "tumour": (15.0, 520.0),
 }
+TISSUES = list(TISSUE_INTENSITY)
 NOISE_STD = {"CT": 12.0, "MRI": 12.0}
 
 
@@ -67,13 +68,13 @@ def synthetic_case(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.nd
     body = ((y - cy) / body_r[0]) ** 2 + ((x - cx) / body_r[1]) ** 2 < 1.0
     inner = ((y - cy) / (body_r[0] - 4)) ** 2 + ((x - cx) / (body_r[1] - 4)) ** 2 < 1.0
 
-    tissue = np.full(shape, "air", dtype=object)
-    tissue[body] = "fat"
-    tissue[inner] = "muscle"
+    tissue = np.full(shape, TISSUES.index("air"), dtype=np.uint8)
+    tissue[body] = TISSUES.index("fat")
+    tissue[inner] = TISSUES.index("muscle")
     lung = inner & (z > nz * rng.uniform(0.72, 0.85)) & (np.abs(x - cx) > body_r[1] * 0.15)
-    tissue[lung] = "lung"
+    tissue[lung] = TISSUES.index("lung")
     spine = ((y - (cy + body_r[0] * 0.6)) ** 2 + (x - cx) ** 2) < (rng.uniform(3.0, 4.5)) ** 2
-    tissue[spine & body] = "bone"
+    tissue[spine & body] = TISSUES.index("bone")
 
     labels = np.zeros(shape, dtype=np.uint8)
     organs = {
@@ -90,7 +91,7 @@ def synthetic_case(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.nd
         radii = tuple(r * rng.uniform(0.85, 1.15) for r in radii)
         mask = _ellipsoid(grid, center, radii, rng) & inner & ~lung
         name = "kidney" if organ.startswith("kidney") else organ
-        tissue[mask] = name
+        tissue[mask] = TISSUES.index(name)
         labels[mask] = LABELS[name]
     liver = labels == LABELS["liver"]
     if liver.sum() > 200 and rng.random() < 0.8:
@@ -98,12 +99,12 @@ def synthetic_case(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.nd
         i = int(rng.integers(len(zz)))
         radius = rng.uniform(2.5, 4.5)
         tumour = _ellipsoid(grid, (zz[i], yy[i], xx[i]), (radius * 0.7, radius, radius), rng) & liver
-        tissue[tumour] = "tumour"
+        tissue[tumour] = TISSUES.index("tumour")
         labels[tumour] = LABELS["tumour"]
 
     column = 0 if spec.modality == "CT" else 1
-    lookup = {name: values[column] for name, values in TISSUE_INTENSITY.items()}
-    image = np.vectorize(lookup.__getitem__, otypes=[np.float32])(tissue)
+    lookup = np.array([TISSUE_INTENSITY[name][column] for name in TISSUES], dtype=np.float32)
+    image = lookup[tissue]
     image = image * rng.uniform(0.95, 1.05) if spec.modality == "MRI" else image
     image = gaussian_filter(image, sigma=0.7)  # partial-volume edges
     image += gaussian_filter(rng.normal(0, 1, shape).astype(np.float32), 3) * 8  # low-frequency texture

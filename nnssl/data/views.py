@@ -32,7 +32,8 @@ ROTATION_PLANES = ((1, 2), (0, 2), (0, 1))  # spatial axes rotated about axis 0,
 
 def crop_transform(output_size: Sequence[int], scale: tuple[float, float], pad_value: float) -> BasicTransform:
     """A random crop of ``output_size`` whose covered side is ``scale`` times the output side (resized)."""
-    resize = scale != (1.0, 1.0)
+    # a covered side within 2% of the output side is a plain crop (rounded region sides give 1.002, 1.008, ...)
+    resize = not all(math.isclose(s, 1.0, rel_tol=0.02) for s in scale)
     return SpatialTransform(
         patch_size=tuple(output_size), patch_center_dist_from_border=[s // 2 for s in output_size],
         random_crop=True, p_scaling=1.0 if resize else 0.0, scaling=scale, p_synchronize_scaling_across_axes=1,
