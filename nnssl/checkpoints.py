@@ -85,7 +85,12 @@ def load_encoder_file(path: str | os.PathLike) -> EncoderCheckpoint:
     meta, state = blob.get("meta"), blob.get("state_dict")
     if not isinstance(meta, dict) or "backbone" not in meta or not isinstance(state, dict) or not state:
         raise NnsslError(f"{path} is damaged: it lacks the encoder weights or the 'backbone' metadata.")
-    return EncoderCheckpoint(path=path, state_dict=state, meta=meta)
+    checkpoint = EncoderCheckpoint(path=path, state_dict=state, meta=meta)
+    embedding = state.get(PATCH_EMBED_KEY)
+    if embedding is not None and embedding.shape[1] != checkpoint.in_channels:
+        raise NnsslError(f"{path} is damaged: its metadata says {checkpoint.in_channels} input channel(s) but the "
+                         f"patch embedding {PATCH_EMBED_KEY} takes {embedding.shape[1]}. Re-create the file.")
+    return checkpoint
 
 
 def is_nnunet_checkpoint(path: str | os.PathLike) -> bool:
@@ -128,11 +133,21 @@ def adapt_patch_embedding(weight: Tensor, in_channels: int) -> Tensor:
     Rule: average over the source channels, repeat for each target channel and divide by the number of
     target channels. A task whose C channels all carry the same image then gets exactly the pretrained
     response, and each channel (e.g. 4 MRI sequences) starts with an equal share of it.
+    :func:`load_encoder_weights` applies it to single-channel encoders only (``C_src == 1``).
     """
     if weight.shape[1] == in_channels:
         return weight
     mean = weight.mean(dim=1, keepdim=True)
     return mean.repeat(1, in_channels, 1, 1, 1) / in_channels
+
+
+def describe_preset_difference(ours: BackbonePreset, theirs: BackbonePreset) -> str:
+    """``''`` for equal presets, else what differs besides the name, e.g. ``" (window_size 4 vs 7)"``."""
+    if ours == theirs:
+        return ""
+    fields = [f"{name} {getattr(ours, name)} vs {getattr(theirs, name)}" for name in ours.__dataclass_fields__
+              if name not in ("name", "description") and getattr(ours, name) != getattr(theirs, name)]
+    return f" ({', '.join(fields)})" if fields else f" (the same architecture, named '{ours.name}' and '{theirs.name}')"
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -144,26 +159,42 @@ def unwrap(network: nn.Module) -> nn.Module:
 def load_encoder_weights(network: nn.Module, checkpoint: EncoderCheckpoint) -> int:
     """Copy every ``swinViT.*`` tensor of ``checkpoint`` into ``network`` (a SwinUNETR); returns the count.
 
-    Strict where it matters: every ``swinViT.*`` key of the network must be in the file with the same
-    shape (the patch embedding is adapted to the network's input channels), else an NnsslError lists
-    the missing and mismatched keys. Nothing outside ``swinViT`` is touched.
+    Strict where it matters: the file and the network must have the same ``swinViT.*`` keys with the same
+    shapes, else an NnsslError lists the missing, unexpected and mismatched keys. Input channels: a
+    single-channel encoder is adapted to a network with C input channels by
+    :func:`adapt_patch_embedding` (repeat, divide by C); an encoder pretrained on several channels only
+    loads into a network with the same number. Nothing outside ``swinViT`` is touched.
     """
     module = unwrap(network)
     target = {k: v for k, v in module.state_dict().items() if k.startswith(ENCODER_PREFIX)}
     source = dict(checkpoint.state_dict)
     if PATCH_EMBED_KEY in source and PATCH_EMBED_KEY in target:
-        source[PATCH_EMBED_KEY] = adapt_patch_embedding(source[PATCH_EMBED_KEY], target[PATCH_EMBED_KEY].shape[1])
+        have, need = source[PATCH_EMBED_KEY].shape[1], target[PATCH_EMBED_KEY].shape[1]
+        if have not in (1, need):
+            raise NnsslError(
+                f"Encoder checkpoint {checkpoint.path} was pretrained on {have} input channels, but this task has "
+                f"{need}. Only single-channel encoders are adapted to other channel counts (which of {have} "
+                f"pretraining channels should feed which task channel is unknown). Use an encoder pretrained on "
+                f"1 or {need} channels."
+            )
+        source[PATCH_EMBED_KEY] = adapt_patch_embedding(source[PATCH_EMBED_KEY], need)
     missing = sorted(set(target) - set(source))
+    unexpected = sorted(set(source) - set(target))
     mismatched = sorted(k for k in set(target) & set(source) if source[k].shape != target[k].shape)
-    if missing or mismatched:
-        details = [f"missing: {missing[:5]}{' ...' if len(missing) > 5 else ''}" if missing else "",
+    if missing or unexpected or mismatched:
+        details = [f"missing: {_first(missing)}" if missing else "",
+                   f"unexpected: {_first(unexpected)}" if unexpected else "",
                    f"wrong shape: {[(k, tuple(source[k].shape), tuple(target[k].shape)) for k in mismatched[:3]]}"
                    if mismatched else ""]
         raise NnsslError(
             f"Encoder checkpoint {checkpoint.path} does not fit this SwinUNETR "
-            f"({len(missing)} missing, {len(mismatched)} wrong-shape swinViT tensors; "
-            f"{'; '.join(d for d in details if d)}). It was pretrained with backbone "
+            f"({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} wrong-shape swinViT "
+            f"tensors; {'; '.join(d for d in details if d)}). It was pretrained with backbone "
             f"'{checkpoint.preset.name}'; build the network with the same preset."
         )
     module.load_state_dict({k: source[k] for k in target}, strict=False)
     return len(target)
+
+
+def _first(keys: list[str], n: int = 5) -> str:
+    return f"{keys[:n]}{' ...' if len(keys) > n else ''}"

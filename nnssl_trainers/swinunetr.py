@@ -7,10 +7,20 @@ environment at the start of a training and saved in the model folder's ``plans.j
 
 - ``nnssl_backbone``: Swin preset for trainers without a pretrained encoder (default ``paper``);
   pretrained trainers take the preset from the encoder checkpoint (setting a different one is an error).
+  All folds of a model folder share its plans.json, so the backbone of a model folder never changes.
 - ``nnssl_num_epochs``: number of epochs (default 1000, as nnU-Net).
 - ``nnssl_iterations_per_epoch``: training iterations per epoch (default 250, as nnU-Net); validation
   iterations per epoch become a fifth of it (nnU-Net's ratio, 50 of 250).
+- ``nnssl_save_every``: epochs between ``checkpoint_latest.pth`` writes (default 50, as nnU-Net); on
+  preemptible machines a smaller value loses less to a kill, and ``--c`` continues from it.
 - ``nnssl_run``: which pretraining run of the method to use (default: the newest finished one).
+
+Where a method trainer's encoder comes from, first match wins: ``-pretrained_weights FILE``;
+``$nnssl_results/<method>/$nnssl_run/encoder_final.pth``; the encoder the model folder's other folds
+started from (recorded in its plans.json); the newest ``$nnssl_results/<method>/*/encoder_final.pth``.
+All folds of a model folder must start from the same encoder (an error says so otherwise), so a new
+pretraining run never slips into half of a cross-validation. ``--c`` and ``--val`` restore the fold's
+own nnU-Net checkpoint and load no encoder.
 """
 from __future__ import annotations
 
@@ -25,10 +35,11 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from nnssl.checkpoints import (EncoderCheckpoint, find_encoder_checkpoint, is_nnunet_checkpoint, load_encoder_file,
-                               load_encoder_weights, unwrap)
+from nnssl.checkpoints import (RUN_ENV, EncoderCheckpoint, describe_preset_difference, find_encoder_checkpoint,
+                               is_nnunet_checkpoint, load_encoder_file, load_encoder_weights, unwrap)
 from nnssl.errors import NnsslError, exit_on_user_error
-from nnssl.io import load_json
+from nnssl.fewshot import NUM_MANY_SHOT_FOLDS, load_fewshot
+from nnssl.io import atomic_path, load_json
 from nnssl.networks import BackbonePreset, ENCODER_PREFIX, build_swinunetr, get_preset
 from nnssl.networks.swinunetr import swin_patch_size
 from nnssl.paths import nnssl_results, nnunet_results
@@ -37,6 +48,7 @@ from nnssl.schedules import EpochWarmupCosineLR
 PLANS_KEY = "nnssl"  # our section inside the configuration of the plans the trainer saves
 DEFAULT_BACKBONE = "paper"
 PROG = "nnUNetv2_train"
+NNUNET_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")  # the order --c tries
 
 
 def _env_positive_int(name: str) -> int | None:
@@ -69,6 +81,12 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
     ``warmup_fraction`` of the epochs then cosine decay to 0, gradient-norm clipping at 12 (nnU-Net's
     ``train_step``), no deep supervision (SwinUNETR has one output), ``drop_path_rate`` 0 (MONAI's
     default). Patch sizes are nnU-Net's plan rounded to multiples of 32, as SwinUNETR requires.
+
+    Pretrained encoders (method subclasses) load in ``initialize()``, right after the network is built
+    and before nnU-Net compiles it or wraps it in DDP. A task with C input channels gets a
+    single-channel encoder's patch embedding repeated C times and divided by C
+    (:func:`nnssl.checkpoints.adapt_patch_embedding`). The task keeps its own nnU-Net normalization
+    (e.g. CTNormalization, ZScoreNormalization for MRI); plans.json records it next to the encoder's.
     """
 
     pretrain_method: str | None = None  # subclasses name the nnssl_pretrain method and nothing else
@@ -87,70 +105,108 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         self.weight_decay = self.weight_decay_default
         self.enable_deep_supervision = False
         self.encoder_checkpoint_path: Path | None = None  # set from -pretrained_weights
-        self.restores_nnunet_checkpoint = continuing  # --c/--val: nnU-Net's checkpoint wins over SSL weights
+        self._tensors_loaded = 0
+        # An nnU-Net checkpoint (--c, --val, or an nnU-Net file as -pretrained_weights) gives the weights; the
+        # wrapper around maybe_load_checkpoint refines this before initialize().
+        self.loads_nnunet_weights = continuing
         with exit_on_user_error(PROG):
-            self._configure(continuing)
+            self._configure()
+            self._log_fewshot_fold()
 
     # -- settings -----------------------------------------------------------------------------------
     @property
     def nnssl_settings(self) -> dict:
         return self.plans_manager.plans["configurations"][self.configuration_name][PLANS_KEY]
 
-    def _saved_settings(self) -> dict | None:
+    def _saved_settings(self) -> dict:
         """The nnssl section of this model folder's plans.json, if a training already wrote one."""
         saved = Path(self.output_folder_base) / "plans.json"
         if not saved.is_file():
-            return None
-        return load_json(saved)["configurations"].get(self.configuration_name, {}).get(PLANS_KEY)
+            return {}
+        try:
+            return load_json(saved)["configurations"].get(self.configuration_name, {}).get(PLANS_KEY) or {}
+        except (ValueError, KeyError, AttributeError) as err:
+            raise NnsslError(f"{saved} is damaged ({type(err).__name__}: {err}). Restore it from a backup, or copy "
+                             f"the plans file from $nnUNet_preprocessed if no fold of this model was trained.") from None
 
-    def _configure(self, continuing: bool) -> None:
+    def _configure(self) -> None:
         configuration = self.plans_manager.plans["configurations"][self.configuration_name]
         saved = self._saved_settings()
-        env_backbone = os.environ.get("nnssl_backbone") or None
-        if env_backbone is not None:
-            backbone = get_preset(env_backbone)
-            if continuing and saved and saved["backbone"]["name"] != backbone.name:
-                raise NnsslError(
-                    f"The model in {self.output_folder_base} was trained with backbone '{saved['backbone']['name']}' "
-                    f"but nnssl_backbone={env_backbone}. Unset nnssl_backbone (the saved one is used) or set it "
-                    f"to {saved['backbone']['name']}."
-                )
-        elif saved:
-            backbone = BackbonePreset.from_dict(saved["backbone"])
-        else:
-            backbone = get_preset(DEFAULT_BACKBONE)
-        planned = (saved or {}).get("planned_patch_size") or list(self.configuration_manager.patch_size)
-        settings = {
+        backbone, self._backbone_origin = self._choose_backbone(saved)
+        planned = saved.get("planned_patch_size") or list(self.configuration_manager.patch_size)
+
+        def knob(variable: str, key: str, default: int) -> int:
+            return _env_positive_int(variable) or saved.get(key) or default
+
+        configuration[PLANS_KEY] = {
             "backbone": backbone.to_dict(),
-            "backbone_from": "environment" if env_backbone else ("saved model" if saved else "default"),
+            "backbone_from": saved.get("backbone_from") if saved else self._backbone_origin,
             "planned_patch_size": planned,
-            "num_epochs": _env_positive_int("nnssl_num_epochs") or (saved or {}).get("num_epochs") or self.num_epochs,
-            "iterations_per_epoch": _env_positive_int("nnssl_iterations_per_epoch")
-            or (saved or {}).get("iterations_per_epoch") or self.num_iterations_per_epoch,
+            "num_epochs": knob("nnssl_num_epochs", "num_epochs", self.num_epochs),
+            "iterations_per_epoch": knob("nnssl_iterations_per_epoch", "iterations_per_epoch",
+                                         self.num_iterations_per_epoch),
+            "save_every": knob("nnssl_save_every", "save_every", self.save_every),
             "trainer": self.__class__.__name__,
-            "pretrained": (saved or {}).get("pretrained"),
+            "pretrained": saved.get("pretrained"),
         }
-        configuration["patch_size"] = swin_patch_size(planned, backbone.divisor)
-        configuration[PLANS_KEY] = settings
-        self._refresh_configuration()
+        self._set_backbone(backbone)
+        settings = self.nnssl_settings
         self.num_epochs = settings["num_epochs"]
         self.num_iterations_per_epoch = settings["iterations_per_epoch"]
         self.num_val_iterations_per_epoch = max(1, round(self.num_iterations_per_epoch / 5))
-        if planned != configuration["patch_size"]:
-            self.print_to_log_file(f"nnssl: patch size {planned} -> {configuration['patch_size']} "
-                                   f"(SwinUNETR needs multiples of {backbone.divisor})")
+        self.save_every = settings["save_every"]
+
+    def _choose_backbone(self, saved: dict) -> tuple[BackbonePreset, str]:
+        """The preset of this model folder and where it comes from: "saved model", "environment" or "default"."""
+        env_name = os.environ.get("nnssl_backbone") or None
+        env = get_preset(env_name) if env_name else None
+        if saved:
+            preset = BackbonePreset.from_dict(saved["backbone"])
+            if env is not None and env != preset:
+                raise NnsslError(
+                    f"The model in {self.output_folder_base} was trained with backbone '{preset.name}' but "
+                    f"nnssl_backbone={env_name}{describe_preset_difference(env, preset)}. All folds of a model "
+                    f"folder share its plans.json (nnUNetv2_predict rebuilds every fold from it), so the backbone "
+                    f"cannot change: unset nnssl_backbone, or move the folder away to train the new backbone."
+                )
+            return preset, "saved model"
+        if env is not None:
+            return env, "environment"
+        return get_preset(DEFAULT_BACKBONE), "default"
 
     def _set_backbone(self, preset: BackbonePreset) -> None:
         settings = self.nnssl_settings
         settings["backbone"] = preset.to_dict()
         configuration = self.plans_manager.plans["configurations"][self.configuration_name]
+        before = list(configuration["patch_size"])
         configuration["patch_size"] = swin_patch_size(settings["planned_patch_size"], preset.divisor)
-        self._refresh_configuration()
-
-    def _refresh_configuration(self) -> None:
         # PlansManager caches resolved configurations; a new manager over the edited plans dict sees the edits.
         self.plans_manager = PlansManager(self.plans_manager.plans)
         self.configuration_manager = self.plans_manager.get_configuration(self.configuration_name)
+        if before != configuration["patch_size"]:
+            self.print_to_log_file(f"nnssl: patch size {settings['planned_patch_size']} -> "
+                                   f"{configuration['patch_size']} (SwinUNETR needs multiples of {preset.divisor})")
+
+    def _log_fewshot_fold(self) -> None:
+        if self.preprocessed_dataset_folder_base is None:
+            return
+        entry = load_fewshot(Path(self.preprocessed_dataset_folder_base)).get(str(self.fold))
+        if entry:
+            self.print_to_log_file(f"nnssl: fold {self.fold} is the {entry['shots']}-shot fold drawn from fold "
+                                   f"{entry['base_fold']} (seed {entry['seed']}, see fewshot.json)")
+
+    def do_split(self):
+        # nnU-Net silently trains on a random 80:20 split for a fold missing from splits_final.json; for a
+        # few-shot study that would be a wrong run nobody notices
+        if self.fold != "all" and self.preprocessed_dataset_folder_base is not None:
+            splits_file = Path(self.preprocessed_dataset_folder_base) / "splits_final.json"
+            available = len(load_json(splits_file)) if splits_file.is_file() else NUM_MANY_SHOT_FOLDS
+            if int(self.fold) >= available:
+                with exit_on_user_error(PROG):
+                    raise NnsslError(
+                        f"Fold {self.fold} is not in {splits_file} ({available} folds: 0-{available - 1}). Few-shot "
+                        f"folds are added by: nnssl_fewshot {self.plans_manager.dataset_name} --shots 1 5 10")
+        return super().do_split()
 
     # -- network --------------------------------------------------------------------------------------
     @staticmethod
@@ -173,70 +229,172 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
 
     def initialize(self) -> None:
         with exit_on_user_error(PROG):
-            if self.pretrain_method is not None and not self.restores_nnunet_checkpoint:
+            checkpoint = None
+            if self.pretrain_method is not None and self.loads_nnunet_weights:
+                self.print_to_log_file("nnssl: the weights come from an nnU-Net checkpoint; no pretrained encoder "
+                                       "is loaded")
+            elif self.pretrain_method is not None:
                 checkpoint = self._pretrained_encoder()
                 # Load right after the network is built, before nnU-Net compiles it or wraps it in DDP.
                 self.build_network_architecture = functools.partial(self._build_and_load, checkpoint)
-            super().initialize()
+            try:
+                super().initialize()
+            finally:
+                self.__dict__.pop("build_network_architecture", None)
+            if checkpoint is not None:
+                self._record_pretrained(checkpoint)
 
     def _build_and_load(self, checkpoint: EncoderCheckpoint, plans_manager: PlansManager,
                         configuration_manager: ConfigurationManager, num_input_channels: int,
                         num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
         network = type(self).build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                         num_output_channels, enable_deep_supervision)
-        loaded = load_encoder_weights(network, checkpoint)
-        normalization = configuration_manager.normalization_schemes
+        self._tensors_loaded = load_encoder_weights(network, checkpoint)
+        return network
+
+    def _record_pretrained(self, checkpoint: EncoderCheckpoint) -> None:
+        """Log and record (plans.json) which encoder the network starts from, as it is before iteration 0."""
+        previous = self.nnssl_settings.get("pretrained") or {}
         record = {
             "path": str(checkpoint.path.resolve()),
             "method": checkpoint.method,
             "run": checkpoint.meta.get("run"),
             "step": checkpoint.meta.get("step"),
-            "tensors_loaded": loaded,
+            "tensors_loaded": self._tensors_loaded,
             "checkpoint_in_channels": checkpoint.in_channels,
-            "task_in_channels": num_input_channels,
+            "task_in_channels": self.num_input_channels,
             "pretraining_normalization": checkpoint.meta.get("normalization"),
-            "task_normalization": normalization,
-            "encoder_sha256": encoder_fingerprint(unwrap(network).state_dict()),
+            "task_normalization": list(self.configuration_manager.normalization_schemes),
+            "checkpoint_sha256": encoder_fingerprint(checkpoint.state_dict),
+            "encoder_sha256": encoder_fingerprint(unwrap(self.network).state_dict()),
         }
+        if previous.get("checkpoint_sha256") not in (None, record["checkpoint_sha256"]):
+            raise NnsslError(
+                f"Fold {self.fold} would start from the encoder {record['path']}, but the other folds of "
+                f"{self.output_folder_base} started from {previous.get('path')} (a different encoder). Folds of one "
+                f"model folder must start from the same encoder: pass -pretrained_weights {previous.get('path')}, "
+                f"or move the model folder away (or train into another one with a copied plans file, -p) to "
+                f"fine-tune the new encoder."
+            )
         self.nnssl_settings["pretrained"] = record
         self.print_to_log_file(
-            f"nnssl: loaded {loaded} pretrained swinViT tensors from {checkpoint.path} (method "
+            f"nnssl: loaded {record['tensors_loaded']} pretrained swinViT tensors from {checkpoint.path} (method "
             f"{checkpoint.method}, backbone {checkpoint.preset.name}, input channels {checkpoint.in_channels} -> "
-            f"{num_input_channels}); task normalization {normalization}, pretraining normalization "
-            f"{checkpoint.meta.get('normalization')}"
+            f"{self.num_input_channels}, encoder sha256 {record['encoder_sha256'][:12]}); task normalization "
+            f"{record['task_normalization']}, pretraining normalization {record['pretraining_normalization']}"
         )
-        return network
 
     def _pretrained_encoder(self) -> EncoderCheckpoint:
-        path = self.encoder_checkpoint_path or find_encoder_checkpoint(self.pretrain_method, nnssl_results())
+        path = self._encoder_path()
         checkpoint = load_encoder_file(path)
         if checkpoint.method != self.pretrain_method:
             raise NnsslError(
                 f"{self.__class__.__name__} fine-tunes '{self.pretrain_method}' encoders, but {path} was pretrained "
                 f"with '{checkpoint.method}'. Use the trainer of that method or a '{self.pretrain_method}' checkpoint."
             )
-        env_backbone = os.environ.get("nnssl_backbone")
-        if env_backbone and env_backbone != checkpoint.preset.name:
+        settings = self.nnssl_settings
+        current = BackbonePreset.from_dict(settings["backbone"])
+        if self._backbone_origin != "default" and checkpoint.preset != current:
+            if self._backbone_origin == "saved model":
+                where, remedy = (f"the model in {self.output_folder_base} was trained with",
+                                 "move the model folder away to fine-tune this encoder")
+            else:
+                where, remedy = "nnssl_backbone asks for", "unset nnssl_backbone (the checkpoint's preset is used)"
             raise NnsslError(
-                f"nnssl_backbone={env_backbone}, but the encoder {path} was pretrained with backbone "
-                f"'{checkpoint.preset.name}'. Unset nnssl_backbone (the checkpoint's preset is used) or pick a "
-                f"checkpoint pretrained with '{env_backbone}'."
+                f"The encoder {path} was pretrained with backbone '{checkpoint.preset.name}', but {where} "
+                f"'{current.name}'{describe_preset_difference(current, checkpoint.preset)}. Pick an encoder "
+                f"pretrained with '{current.name}', or {remedy}."
             )
         self._set_backbone(checkpoint.preset)
-        self.nnssl_settings["backbone_from"] = f"encoder checkpoint {path}"
+        settings["backbone_from"] = f"encoder checkpoint {path}"
         return checkpoint
 
-    # -- optimisation ---------------------------------------------------------------------------------
+    def _encoder_path(self) -> Path:
+        if self.encoder_checkpoint_path is not None:
+            return self.encoder_checkpoint_path
+        previous = (self.nnssl_settings.get("pretrained") or {}).get("path")
+        if not os.environ.get(RUN_ENV) and previous and Path(previous).is_file():
+            return Path(previous)  # the encoder the model folder's other folds started from
+        return find_encoder_checkpoint(self.pretrain_method, nnssl_results())
+
+    def route_checkpoints(self, continue_training: bool, validation_only: bool,
+                          pretrained_weights: str | None) -> str | None:
+        """Decide where this fold's weights come from, before nnU-Net's ``maybe_load_checkpoint`` runs.
+
+        Returns the ``-pretrained_weights`` file nnU-Net should still load itself (an nnU-Net training
+        checkpoint), or None. An encoder file is kept for ``initialize()``; with ``--c`` and a checkpoint
+        of this fold present it is not needed (the nnU-Net checkpoint wins).
+        """
+        folder = Path(self.output_folder)
+        resumable = any((folder / name).is_file() for name in NNUNET_CHECKPOINTS)
+        if validation_only and not (folder / NNUNET_CHECKPOINTS[0]).is_file():
+            raise NnsslError(f"--val needs a finished training, but {folder / NNUNET_CHECKPOINTS[0]} does not exist. "
+                             f"Finish it first (add --c to continue an interrupted one).")
+        self.loads_nnunet_weights = validation_only or (continue_training and resumable)
+        if pretrained_weights is None:
+            return None
+        if self.pretrain_method is None:
+            raise NnsslError(f"{type(self).__name__} trains from scratch; -pretrained_weights needs a method "
+                             f"trainer, e.g. -tr SwinUNETR_SMIT_Trainer for a 'smit' encoder.")
+        if not Path(pretrained_weights).is_file():
+            raise NnsslError(f"-pretrained_weights {pretrained_weights} does not exist.")
+        if is_nnunet_checkpoint(pretrained_weights):
+            if continue_training:
+                raise NnsslError(f"-pretrained_weights {pretrained_weights} is an nnU-Net training checkpoint, which "
+                                 f"nnU-Net only loads at the start of a training; --c continues from this fold's own "
+                                 f"checkpoint. Drop one of the two options.")
+            self.loads_nnunet_weights = True
+            return pretrained_weights
+        self.encoder_checkpoint_path = Path(pretrained_weights)
+        if self.loads_nnunet_weights:
+            self.print_to_log_file(f"nnssl: --c/--val restore this fold's nnU-Net checkpoint; the encoder "
+                                   f"{pretrained_weights} is not loaded")
+        return None
+
+    # -- optimisation and checkpoints -----------------------------------------------------------------
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
         warmup_epochs = max(1, round(self.warmup_fraction * self.num_epochs)) if self.num_epochs > 1 else 0
         return optimizer, EpochWarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, warmup_epochs)
 
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written atomically: a kill while saving never leaves a truncated file."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            super().save_checkpoint(filename)  # writes nothing; nnU-Net logs why
+            return
+        with atomic_path(filename) as tmp:
+            super().save_checkpoint(str(tmp))
+
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        with exit_on_user_error(PROG):
-            if isinstance(filename_or_checkpoint, str) and not os.path.isfile(filename_or_checkpoint):
-                raise NnsslError(f"nnU-Net checkpoint {filename_or_checkpoint} does not exist.")
-        super().load_checkpoint(filename_or_checkpoint)
+        if isinstance(filename_or_checkpoint, str):
+            with exit_on_user_error(PROG):
+                _check_nnunet_checkpoint(filename_or_checkpoint)
+        try:
+            super().load_checkpoint(filename_or_checkpoint)
+        except RuntimeError as err:
+            if "state_dict" not in str(err):
+                raise
+            with exit_on_user_error(PROG):
+                raise NnsslError(
+                    f"nnU-Net checkpoint {filename_or_checkpoint} does not fit the network built from "
+                    f"{Path(self.output_folder_base) / 'plans.json'} (another backbone or trainer wrote it): "
+                    f"{str(err).splitlines()[0]}"
+                ) from None
+
+
+def _check_nnunet_checkpoint(path: str) -> None:
+    if not os.path.isfile(path):
+        raise NnsslError(f"nnU-Net checkpoint {path} does not exist.")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # torch raises many types for truncated/corrupt zip files
+        raise NnsslError(
+            f"nnU-Net checkpoint {path} is truncated or corrupt ({type(err).__name__}). Delete it: --c then "
+            f"continues from the fold's next checkpoint ({', '.join(NNUNET_CHECKPOINTS)}, in that order), or starts "
+            f"the fold again if none is left."
+        ) from None
+    if not isinstance(blob, dict) or "network_weights" not in blob:
+        raise NnsslError(f"{path} is not an nnU-Net training checkpoint (no 'network_weights').")
 
 
 def _route_pretrained_weights(original):
@@ -244,27 +402,16 @@ def _route_pretrained_weights(original):
 
     nnU-Net 2.8.1 loads ``-pretrained_weights`` itself after ``initialize()`` and demands every network
     key; an encoder-only file needs our route: the trainer loads it inside ``initialize()``. nnU-Net
-    training checkpoints still go through nnU-Net's loader. The wrapper also tells the trainer when
-    ``--c``/``--val`` will restore an nnU-Net checkpoint, so no SSL weights are needed then.
+    training checkpoints still go through nnU-Net's loader. The trainer also learns whether ``--c``/
+    ``--val`` will restore an nnU-Net checkpoint, so that no SSL weights are needed then.
     """
 
     @functools.wraps(original)
     def maybe_load_checkpoint(nnunet_trainer, continue_training, validation_only, pretrained_weights_file=None):
         if isinstance(nnunet_trainer, SwinUNETR_Scratch_Trainer):
-            folder = Path(nnunet_trainer.output_folder)
-            has_checkpoint = any((folder / n).is_file() for n in
-                                 ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth"))
-            nnunet_trainer.restores_nnunet_checkpoint = validation_only or (continue_training and has_checkpoint)
-            if pretrained_weights_file is not None and not continue_training:
-                with exit_on_user_error(PROG):
-                    if nnunet_trainer.pretrain_method is None:
-                        raise NnsslError(
-                            f"{type(nnunet_trainer).__name__} trains from scratch; -pretrained_weights needs a "
-                            f"method trainer, e.g. -tr SwinUNETR_SMIT_Trainer for a 'smit' encoder."
-                        )
-                if not is_nnunet_checkpoint(pretrained_weights_file):
-                    nnunet_trainer.encoder_checkpoint_path = Path(pretrained_weights_file)
-                    pretrained_weights_file = None
+            with exit_on_user_error(PROG):
+                pretrained_weights_file = nnunet_trainer.route_checkpoints(continue_training, validation_only,
+                                                                           pretrained_weights_file)
         return original(nnunet_trainer, continue_training, validation_only, pretrained_weights_file)
 
     maybe_load_checkpoint.nnssl_wrapped = True

@@ -145,3 +145,10 @@ def pretrain_run(method: str, *extra: str, run: str | None = None, epochs: int =
 def copy_tree(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Issue 10 asks the suite to print how many bad-input cases it checked."""
+    passed = [r for r in terminalreporter.stats.get("passed", []) if "test_bad_inputs.py::test_bad_input[" in r.nodeid]
+    if passed:
+        terminalreporter.write_line(f"bad-input cases checked (exit 2, message, files unchanged): {len(passed)}")

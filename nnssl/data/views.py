@@ -20,11 +20,13 @@ from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseT
 from batchgeneratorsv2.transforms.noise.blank_rectangle import BlankRectangleTransform
 from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
 from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+from batchgeneratorsv2.transforms.spatial.rot90 import Rot90Transform
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from torch import Tensor
 
+from nnssl.errors import NnsslError
 from nnssl.methods.base import MaskSpec, ViewSpec
 
 ROTATION_PLANES = ((1, 2), (0, 2), (0, 1))  # spatial axes rotated about axis 0, 1, 2 (axis 0: axial plane)
@@ -41,10 +43,13 @@ def crop_transform(output_size: Sequence[int], scale: tuple[float, float], pad_v
     )
 
 
-def augmentation(strength: str, mirror_axes: tuple[int, ...]) -> BasicTransform:
-    """``light``: flips and mild brightness. ``strong`` (contrastive methods): flips, brightness scale and
-    shift, contrast, gamma, Gaussian noise and blur, each applied at random."""
+def augmentation(strength: str, mirror_axes: tuple[int, ...], rot90_axes: tuple[int, ...] = ()) -> BasicTransform:
+    """``light``: flips and mild brightness. ``strong`` (contrastive methods): flips, quarter turns in the plane of
+    ``rot90_axes`` (equal sides only, so shapes are kept), brightness scale and shift, contrast, gamma, Gaussian
+    noise and blur, each applied at random."""
     transforms: list[BasicTransform] = [MirrorTransform(allowed_axes=mirror_axes)] if mirror_axes else []
+    if strength == "strong" and len(rot90_axes) >= 2:
+        transforms.append(RandomTransform(Rot90Transform(1, allowed_axes=set(rot90_axes)), apply_probability=0.5))
     if strength == "light":
         transforms.append(RandomTransform(MultiplicativeBrightnessTransform((0.9, 1.1), synchronize_channels=True),
                                           apply_probability=0.3))
@@ -104,12 +109,16 @@ class ViewMaker:
         self.patch_size = tuple(int(s) for s in patch_size)
         self.token_patch = token_patch
         if spec.rotate == "axial" and self.patch_size[1] != self.patch_size[2]:
-            raise ValueError(f"axial rotation needs equal in-plane patch sides, got {self.patch_size}")
+            raise NnsslError(f"Axial rotation prediction needs equal in-plane patch sides, got {self.patch_size}; "
+                             f"use --patch-size with equal Y and Z.")
         if spec.rotate == "any" and len(set(self.patch_size)) != 1:
-            raise ValueError(f"rotation about any axis needs a cubic patch, got {self.patch_size}")
-        # flips would make quarter-turn labels ambiguous; keep only flips along the rotation axis
+            raise NnsslError(f"Rotation prediction about any axis needs a cubic patch, got {self.patch_size}; use "
+                             f"--patch-size N N N, or --plans-override method.axes=axial.")
+        # flips and extra quarter turns would make rotation labels ambiguous; keep flips along the rotation axis
         mirror_axes = {None: (0, 1, 2), "axial": (0,), "any": ()}[spec.rotate]
-        self.augment = augmentation(spec.augment, mirror_axes)
+        square = (1, 2) if self.patch_size[1] == self.patch_size[2] else ()
+        rot90_axes = tuple(range(3)) if len(set(self.patch_size)) == 1 else square
+        self.augment = augmentation(spec.augment, mirror_axes, rot90_axes if spec.rotate is None else ())
         self.cutout = cutout_transform(self.patch_size) if spec.cutout else None
 
     @property

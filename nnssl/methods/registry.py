@@ -56,7 +56,7 @@ def get_method(name: str) -> type[SSLMethod]:
 def method_defaults(name: str) -> dict[str, Any]:
     """The method's hyperparameters and their defaults, read from its constructor signature."""
     parameters = list(inspect.signature(get_method(name).__init__).parameters.values())[2:]  # self, encoder
-    return {p.name: p.default for p in parameters if p.kind is p.KEYWORD_OR_POSITIONAL or p.kind is p.KEYWORD_ONLY}
+    return {p.name: p.default for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY}
 
 
 def build_method(name: str, encoder: SwinEncoder, **hyperparameters: Any) -> SSLMethod:

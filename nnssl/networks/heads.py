@@ -119,3 +119,25 @@ def update_momentum(student: nn.Module, teacher: nn.Module, momentum: float) -> 
         p_t.mul_(momentum).add_(p_s.detach(), alpha=1.0 - momentum)
     for b_s, b_t in zip(student.buffers(), teacher.buffers()):
         b_t.copy_(b_s)
+
+
+class SwinSSLDecoder(nn.Sequential):
+    """Swin UNETR SSL's inpainting decoder (Tang et al. CVPR 2022; ``upsample="vae"`` in the reference
+    ``SSLHead``): ``num_upsamplings`` x [3x3x3 conv, instance norm, leaky ReLU, x2 trilinear upsampling],
+    then a 1x1x1 conv to the image channels. Channels halve from ``in_channels`` down to a floor of
+    ``in_channels // 16`` (768 -> 384 -> 192 -> 96 -> 48 -> 48 -> 1 for the 48-feature Swin).
+
+    ``(B, in_channels, x, y, z) -> (B, out_channels, x * 2**n, y * 2**n, z * 2**n)``, n = ``num_upsamplings``
+    (5 for the last Swin stage at stride 32).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int = 1, num_upsamplings: int = 5):
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for i in range(num_upsamplings):
+            next_channels = in_channels // 2 ** min(i + 1, 4)
+            layers += [nn.Conv3d(channels, next_channels, kernel_size=3, padding=1), nn.InstanceNorm3d(next_channels),
+                       nn.LeakyReLU(), nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False)]
+            channels = next_channels
+        layers.append(nn.Conv3d(channels, out_channels, kernel_size=1))
+        super().__init__(*layers)

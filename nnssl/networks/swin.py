@@ -1,7 +1,8 @@
 """The Swin encoder every nnssl model shares: MONAI's ``SwinTransformer`` plus masked-token input.
 
 Parameter names are exactly MONAI's (``patch_embed.*``, ``layers1.0.blocks.0.*``, ...), so the encoder's
-state dict, prefixed with ``swinViT.``, loads into ``monai.networks.nets.SwinUNETR`` unchanged.
+state dict, prefixed with ``swinViT.``, loads into ``monai.networks.nets.SwinUNETR`` unchanged. The forward
+runs :mod:`nnssl.networks.fast_swin` (same result, faster); ``fast=False`` runs MONAI's own code.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import Tensor, nn
 
 from nnssl.errors import NnsslError
+from nnssl.networks import fast_swin
 from nnssl.networks.presets import BackbonePreset
 
 ENCODER_PREFIX = "swinViT."
@@ -26,10 +28,14 @@ class SwinEncoder(SwinTransformer):
     With ``mask`` (``(B, X/p, Y/p, Z/p)`` bool on the patch-embedding grid, p = patch size) and
     ``mask_token`` (``(C,)``), masked patch embeddings are replaced by the token before stage 1, so the
     encoder still sees the full token grid, as shifted windows require (SimMIM, Xie et al. 2022).
+
+    ``fast`` (default) runs :func:`nnssl.networks.fast_swin.encoder_forward`, equal to MONAI's forward
+    within fp32 rounding and faster (``bench/RESULTS.md``); its outputs are channels-last in memory.
+    ``fast=False`` runs MONAI's ``BasicLayer`` code, the benchmarks' baseline.
     """
 
     def __init__(self, preset: BackbonePreset, in_channels: int = 1, drop_path_rate: float = 0.0,
-                 use_checkpoint: bool = False):
+                 use_checkpoint: bool = False, fast: bool = True):
         super().__init__(
             in_chans=in_channels,
             embed_dim=preset.feature_size,
@@ -45,6 +51,7 @@ class SwinEncoder(SwinTransformer):
         )
         self.preset = preset
         self.in_channels = in_channels
+        self.fast = fast
 
     @property
     def out_channels(self) -> list[int]:
@@ -60,6 +67,8 @@ class SwinEncoder(SwinTransformer):
 
     def forward(self, x: Tensor, normalize: bool = True, mask: Tensor | None = None,
                 mask_token: Tensor | None = None) -> list[Tensor]:
+        if self.fast:
+            return fast_swin.encoder_forward(self, x, normalize, mask, mask_token)
         x0 = self.pos_drop(self.patch_embed(x))
         if mask is not None:
             if mask_token is None:
@@ -74,9 +83,9 @@ class SwinEncoder(SwinTransformer):
 
 
 def build_encoder(preset: BackbonePreset, in_channels: int = 1, drop_path_rate: float = 0.0,
-                  use_checkpoint: bool = False) -> SwinEncoder:
+                  use_checkpoint: bool = False, fast: bool = True) -> SwinEncoder:
     return SwinEncoder(preset, in_channels=in_channels, drop_path_rate=drop_path_rate,
-                       use_checkpoint=use_checkpoint)
+                       use_checkpoint=use_checkpoint, fast=fast)
 
 
 def encoder_state_dict(encoder: nn.Module) -> dict[str, Tensor]:

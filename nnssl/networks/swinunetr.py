@@ -5,19 +5,22 @@ from monai.networks.nets import SwinUNETR
 
 from nnssl.errors import NnsslError
 
+from nnssl.networks.fast_swin import FastSwinUNETR
 from nnssl.networks.presets import BackbonePreset
 from nnssl.networks.swin import build_encoder
 
 
 def build_swinunetr(preset: BackbonePreset, in_channels: int, out_channels: int,
-                    drop_path_rate: float = 0.0, use_checkpoint: bool = False) -> SwinUNETR:
+                    drop_path_rate: float = 0.0, use_checkpoint: bool = False, fast: bool = True) -> SwinUNETR:
     """A MONAI ``SwinUNETR`` shaped by ``preset``; its ``swinViT`` is a :class:`SwinEncoder`.
 
     The state dict is key-for-key MONAI's, so weights move between this network, plain MONAI
     ``SwinUNETR(feature_size=..., depths=..., num_heads=..., window_size=...)`` and nnssl encoders.
     Inputs: ``(B, in_channels, X, Y, Z)`` with each side a multiple of ``preset.divisor`` (32).
+    ``fast`` (default) builds a :class:`~nnssl.networks.fast_swin.FastSwinUNETR`, a subclass whose forward
+    gives the same output faster; ``fast=False`` builds MONAI's class running MONAI's code (the baseline).
     """
-    net = SwinUNETR(
+    net = (FastSwinUNETR if fast else SwinUNETR)(
         in_channels=in_channels,
         out_channels=out_channels,
         patch_size=preset.patch_size,
@@ -33,7 +36,9 @@ def build_swinunetr(preset: BackbonePreset, in_channels: int, out_channels: int,
     )
     # Same modules and names as MONAI's SwinTransformer; ours adds the mask-token input path.
     net.swinViT = build_encoder(preset, in_channels, drop_path_rate=drop_path_rate,
-                                use_checkpoint=use_checkpoint)
+                                use_checkpoint=use_checkpoint, fast=fast)
+    if fast:
+        net.use_checkpoint = use_checkpoint
     return net
 
 

@@ -200,7 +200,9 @@ class Pretrainer:
             log.info("resuming %s from %s at step %d", self.folder, path.name, state["step"])
         return int(state["step"])
 
-    def _prepare_folder(self) -> None:
+    def _check_existing_run(self) -> None:
+        """An existing run folder needs --resume and the settings it was started with (checked before locking,
+        so a refused call changes no file)."""
         config_file = self.folder / "config.json"
         if config_file.is_file():
             if not self.resume:
@@ -213,14 +215,14 @@ class Pretrainer:
                     f"A resumed run keeps its settings, but {sorted(changed)} differ from {config_file} "
                     f"({', '.join(f'{k}: {saved.get(k)!r} -> {getattr(self.config, k)!r}' for k in sorted(changed))}). "
                     f"Drop those options, or start a new run with --run NEW_NAME.")
-        if self.main:
-            save_json(self.config.to_dict(), config_file)
 
     # -- the loop ----------------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        self._check_existing_run()
         self.folder.mkdir(parents=True, exist_ok=True)
         with (RunLock(self.folder) if self.main else nullcontext()), _StopFlag() as stop:
-            self._prepare_folder()
+            if self.main:
+                save_json(self.config.to_dict(), self.folder / "config.json")
             encoder_file = self.folder / "encoder_final.pth"
             if (self.folder / FINAL).is_file() and encoder_file.is_file():
                 log.info("run %s is already finished", self.folder)

@@ -1,0 +1,222 @@
+"""Swin step benchmark (issue 9): one training step of SwinUNETR and of its Swin encoder, ours vs stock MONAI.
+
+A step is forward, loss, backward and AdamW step on one fixed batch ``(B, 1, S, S, S)``:
+
+- ours: ``build_swinunetr(preset, 1, 2)`` / ``build_encoder(preset)`` (the fast path of
+  ``nnssl/networks/fast_swin.py``) with fused AdamW (``fast_swin.adamw``); on CUDA also bf16 autocast and
+  fused attention (``scaled_dot_product_attention`` with the relative position bias); environment
+  variables ``NNSSL_BENCH_COMPILE=1`` add ``torch.compile`` and ``NNSSL_BENCH_CHECKPOINT=1`` activation
+  checkpointing (both recorded in the row's config).
+- baseline: ``monai.networks.nets.SwinUNETR`` with the preset's shape and MONAI's defaults otherwise
+  (fp32, plain attention, no checkpointing) and ``torch.optim.AdamW`` with its defaults; the encoder
+  baseline is that network's ``swinViT``.
+
+Both start from the same weights (the baseline loads ours), see the same input and labels (seeded), and
+their first losses must agree (fp32: 1e-4 relative; bf16: 2e-2), else the benchmark fails. The loss is
+cross-entropy against fixed random labels (SwinUNETR) or the mean square of the 5 feature maps (encoder).
+
+Rows (``<size>`` = S): ``swin_step_<preset>_<size>`` and ``swin_encoder_step_<preset>_<size>``: median
+seconds per step over interleaved repeats (ours, baseline, baseline, ours, ...: a busy machine slows both
+alike) after one warm-up step each; ``swin_memory_<preset>_<size>``, ``swin_encoder_memory_<preset>_<size>``:
+peak memory of two steps, each variant in a fresh process: on CPU the growth of the peak resident set
+(``VmHWM``, reset after building network, optimizer and batch), i.e. activations, gradients, optimizer
+state and temporaries; on CUDA ``torch.cuda.max_memory_allocated`` (everything, weights included).
+The quick setting (CPU, ``make bench``) runs the tiny preset at 64/96/128 (growth with patch size) and
+the paper preset at 64 (the issue's target); ``--full`` (GPU) every preset at every size.
+
+Run alone: ``python -m bench.bench_swin [--full] [--case PRESET SIZE]``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SEED = 0
+REPO = Path(__file__).resolve().parent.parent
+NETWORKS = {"swinunetr": "swin", "encoder": "swin_encoder"}  # network -> row name prefix
+SETTINGS = {
+    False: {"batch": 1, "repeats": 5, "memory_steps": 2,
+            "cases": [("tiny", 64), ("tiny", 96), ("tiny", 128), ("paper", 64)]},
+    True: {"batch": 2, "repeats": 10, "memory_steps": 2,
+           "cases": [(p, s) for p in ("tiny", "monai", "paper") for s in (64, 96, 128)]},
+}
+LOSS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured configuration."""
+
+    preset: str
+    size: int
+    batch: int
+    network: str  # "swinunetr" | "encoder"
+    device: str
+    compile: bool = False
+    checkpoint: bool = False
+
+
+class Stepper:
+    """A network, its optimizer and a fixed batch, ready to take timed training steps."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, case: Case, ours: bool):
+        self.model, self.optimizer, self.case = model, optimizer, case
+        self.device = torch.device(case.device)
+        generator = torch.Generator().manual_seed(SEED)
+        shape = (case.batch, 1, case.size, case.size, case.size)
+        self.x = torch.randn(shape, generator=generator).to(self.device)
+        self.labels = torch.randint(0, 2, (case.batch, *shape[2:]), generator=generator).to(self.device)
+        self.ours = ours
+        self.dtype = torch.bfloat16 if ours and self.device.type == "cuda" else torch.float32
+        self.forward = torch.compile(model) if ours and case.compile else model
+
+    def step(self) -> float:
+        """One training step; returns its loss."""
+        from nnssl.networks.fast_swin import training_autocast
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with training_autocast(self.device) if self.ours else contextlib.nullcontext():
+            out = self.forward(self.x)
+            if self.case.network == "encoder":
+                loss = sum(o.float().square().mean() for o in out)
+            else:
+                loss = F.cross_entropy(out.float(), self.labels)
+        loss.backward()
+        self.optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return loss.detach().item()
+
+
+def build(case: Case) -> dict[str, Stepper]:
+    """Ours and the baseline for ``case``, with the same weights."""
+    from monai.networks.nets import SwinUNETR
+
+    from nnssl.networks import build_encoder, build_swinunetr, get_preset
+    from nnssl.networks.fast_swin import adamw
+
+    preset = get_preset(case.preset)
+    torch.manual_seed(SEED)
+    if case.network == "encoder":
+        ours = build_encoder(preset, use_checkpoint=case.checkpoint)
+    else:
+        ours = build_swinunetr(preset, in_channels=1, out_channels=2, use_checkpoint=case.checkpoint)
+    stock = SwinUNETR(in_channels=1, out_channels=2, feature_size=preset.feature_size, depths=preset.depths,
+                      num_heads=preset.num_heads, window_size=preset.window_size, qkv_bias=preset.qkv_bias,
+                      mlp_ratio=preset.mlp_ratio, patch_size=preset.patch_size)
+    baseline = stock.swinViT if case.network == "encoder" else stock
+    baseline.load_state_dict(ours.state_dict())
+    ours, baseline = ours.to(case.device), baseline.to(case.device)
+    return {"ours": Stepper(ours, adamw(ours.parameters(), lr=1e-4), case, ours=True),
+            "baseline": Stepper(baseline, torch.optim.AdamW(baseline.parameters(), lr=1e-4), case, ours=False)}
+
+
+def time_steps(case: Case, repeats: int) -> dict:
+    """Median seconds per step of ours and the baseline, interleaved; checks their first losses agree."""
+    steppers = build(case)
+    first = {name: stepper.step() for name, stepper in steppers.items()}  # warm-up
+    difference = abs(first["ours"] - first["baseline"]) / abs(first["baseline"])
+    if difference > LOSS_TOLERANCE[steppers["ours"].dtype]:
+        raise RuntimeError(f"{case}: ours and the baseline disagree on the first loss ({first}); the fast path "
+                           f"no longer computes the stock network")
+    seconds = {name: [] for name in steppers}
+    for repeat in range(repeats):
+        order = ("ours", "baseline") if repeat % 2 == 0 else ("baseline", "ours")
+        for name in order:
+            start = time.perf_counter()
+            steppers[name].step()
+            seconds[name].append(time.perf_counter() - start)
+    return {"seconds": seconds, "loss_difference": difference}
+
+
+def peak_memory_mb(case: Case, variant: str, steps: int) -> float:
+    """Peak memory of ``steps`` training steps of one variant, measured in a fresh process."""
+    command = [sys.executable, "-m", "bench.bench_swin", "--memory-child", variant, json.dumps(asdict(case)),
+               str(steps)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory probe {variant} {case} failed:\n{result.stderr[-3000:]}")
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def _status_mb(field: str) -> float:
+    """A field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident) in MB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 1024
+
+
+def _measure_here(variant: str, case: Case, steps: int) -> float:
+    stepper = build(case)[variant]
+    if case.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):
+            stepper.step()
+        return torch.cuda.max_memory_allocated() / 2**20
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # Linux: reset the peak resident size (VmHWM) to the current one
+    before = _status_mb("VmRSS")
+    for _ in range(steps):
+        stepper.step()
+    return _status_mb("VmHWM") - before
+
+
+def _options() -> dict[str, bool]:
+    return {"compile": os.environ.get("NNSSL_BENCH_COMPILE") == "1",
+            "checkpoint": os.environ.get("NNSSL_BENCH_CHECKPOINT") == "1"}
+
+
+def run(full: bool, cases: list[tuple[str, int]] | None = None) -> list[dict]:
+    setting = SETTINGS[full]
+    device = "cuda" if full and torch.cuda.is_available() else "cpu"
+    rows = []
+    for preset, size in cases or setting["cases"]:
+        for network, prefix in NETWORKS.items():
+            case = Case(preset, size, setting["batch"], network, device, **_options())
+            timing = time_steps(case, setting["repeats"])
+            ours, baseline = (statistics.median(timing["seconds"][name]) for name in ("ours", "baseline"))
+            memory = {name: peak_memory_mb(case, name, setting["memory_steps"]) for name in ("ours", "baseline")}
+            config = {**asdict(case), "threads": torch.get_num_threads(), "repeats": setting["repeats"],
+                      "seconds": {k: [round(s, 4) for s in v] for k, v in timing["seconds"].items()},
+                      "first_loss_relative_difference": timing["loss_difference"],
+                      "memory": "peak of max_memory_allocated over 2 steps" if device == "cuda" else
+                                "growth of peak RSS (VmHWM) over 2 steps, fresh process"}
+            rows.append({"name": f"{prefix}_step_{preset}_{size}", "ours": ours, "baseline": baseline,
+                         "unit": "s/step", "ratio": baseline / ours, "config": config})
+            rows.append({"name": f"{prefix}_memory_{preset}_{size}", "ours": memory["ours"],
+                         "baseline": memory["baseline"], "unit": "MB", "ratio": memory["baseline"] / memory["ours"],
+                         "config": config})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="every preset at 64/96/128, batch 2, on a GPU if any")
+    parser.add_argument("--case", nargs=2, action="append", metavar=("PRESET", "SIZE"),
+                        help="measure only this preset and patch size (repeatable)")
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:  # a fresh process of peak_memory_mb
+        variant, case, steps = args.memory_child
+        print(_measure_here(variant, Case(**json.loads(case)), int(steps)))
+        return 0
+    from bench.run import format_table
+
+    cases = [(preset, int(size)) for preset, size in args.case] if args.case else None
+    print(format_table(run(args.full, cases)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,334 @@
+"""The study as a graph of jobs: which command runs, in which state, after which others.
+
+:func:`plan_study` is pure: given the study (``plans/benchmark.json``), a selection, settings and a
+:class:`ResultsState` (what is already on disk), it returns every job with its exact command, whether it is
+``new``, to ``resume`` or ``done``, and its dependencies. Reading the disk is :class:`DiskState`'s job;
+running is :mod:`nnssl.benchmark.executor`'s.
+
+Jobs, in the order they are listed (and started when their dependencies allow):
+
+- ``prepare``: ``nnssl_prepare_corpus -i DIR -d 501 -n CTcorpus`` (only with ``--corpus-dir``);
+- ``plan``: ``nnUNetv2_plan_and_preprocess -d ID -c 3d_fullres --verify_dataset_integrity`` per dataset;
+- ``pretrain``: ``nnssl_pretrain -m M -d 501 --backbone paper --run paper_d501`` per method (``--resume``
+  when the run folder exists without ``encoder_final.pth``);
+- ``fewshot``: ``nnssl_fewshot ID --shots ... --folds 0 1 2 3 4 --seed S`` per task and seed;
+- ``finetune``: ``nnUNetv2_train ID 3d_fullres FOLD -tr SwinUNETR_<M>_Trainer`` per task, trainer and fold
+  (``--c`` when a checkpoint exists; done when ``checkpoint_final.pth`` and ``validation/summary.json``
+  exist); nnU-Net validates at the end of training;
+- ``cka``: ``nnssl_cka FOLDER:FEWSHOT_FOLD FOLDER:BASE_FOLD -o ...`` (few- vs many-shot per trainer);
+- ``report``: ``nnssl_report IDS -o ...``, after every fine-tuning and CKA job, whatever their outcome.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from nnssl.benchmark.study import Study, TaskSpec
+from nnssl.errors import NnsslError
+from nnssl.fewshot import FEWSHOT_FILENAME, NUM_MANY_SHOT_FOLDS, SPLITS_FILENAME, plan_fewshot_folds
+
+NEW, RESUME, DONE = "new", "resume", "done"
+MANY_SHOT = "all"  # the --shots value of nnU-Net's folds 0-4
+KINDS = ("prepare", "plan", "pretrain", "fewshot", "finetune", "cka", "report")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One command of the study. ``deps`` must succeed first; ``after`` must only have finished."""
+
+    id: str
+    kind: str
+    command: tuple[str, ...]
+    state: str = NEW
+    deps: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    gpu: bool = False
+    # fewshot jobs: (fold, base_fold, shots, seed) the fine-tuning commands rely on, checked after the job ran
+    expects: tuple[tuple[int, int, int, int], ...] = ()
+
+    def shell(self) -> str:
+        """The command as one shell line, environment assignments first."""
+        return " ".join([f"{k}={_quote(v)}" for k, v in self.env] + [_quote(c) for c in self.command])
+
+
+def _quote(arg: str) -> str:
+    # "$nnUNet_results/..." (a dry run with the variable unset) stays expandable when pasted into a shell
+    if arg.startswith("$") and shlex.quote(arg[1:]) == arg[1:]:
+        return f'"{arg}"'
+    return shlex.quote(arg)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What part of the study to run. ``shots`` holds few-shot sizes and/or ``MANY_SHOT``."""
+
+    tasks: tuple[str, ...]
+    methods: tuple[str, ...]
+    shots: tuple[int | str, ...]
+    folds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Settings:
+    output: Path  # logs, CKA results and the report go below it
+    device: str = "cuda"  # "cpu": every job runs on the CPU (tiny studies, tests)
+    corpus_dir: Path | None = None
+
+
+@dataclass
+class StudyPlan:
+    jobs: list[Job]
+    missing: list[str] = field(default_factory=list)  # inputs no job can make; each says what to run
+
+
+class ResultsState(Protocol):
+    """What the planner needs to know about the disk."""
+
+    def raw_ready(self, dataset: str) -> bool: ...
+    def preprocessed(self, dataset: str) -> bool: ...
+    def fewshot(self, dataset: str) -> tuple[dict[str, dict], int]: ...  # fewshot.json folds, folds in splits
+    def pretrain(self, method: str, run: str) -> str: ...
+    def finetune(self, dataset: str, trainer: str, fold: int) -> str: ...
+    def model_folder(self, dataset: str, trainer: str) -> Path: ...
+    def file_exists(self, path: Path) -> bool: ...
+
+
+def select(study: Study, tasks: list[str] | None = None, methods: list[str] | None = None,
+           shots: list[str] | None = None, folds: list[int] | None = None) -> Selection:
+    """A checked selection; None means everything in the study."""
+    task_keys = tuple(dict.fromkeys(study.task(t).key for t in tasks)) if tasks else tuple(study.tasks)
+    method_names = tuple(dict.fromkeys(study.method(m).name for m in methods)) if methods else tuple(study.methods)
+    available = sorted({n for key in task_keys for n in study.tasks[key].few_shot})
+    if shots:
+        chosen: list[int | str] = []
+        for value in shots:
+            text = str(value).lower()
+            if text == MANY_SHOT:
+                chosen.append(MANY_SHOT)
+            elif text.isdigit() and int(text) in available:
+                chosen.append(int(text))
+            else:
+                raise NnsslError(f"--shots {value}: the selected tasks have few-shot sizes {available} "
+                                 f"({study.source}); use those and/or '{MANY_SHOT}' for the many-shot folds.")
+        shot_values = tuple(dict.fromkeys(chosen))
+    else:
+        shot_values = (*available, MANY_SHOT)
+    bad_folds = [f for f in folds or [] if f not in study.folds]
+    if bad_folds:
+        raise NnsslError(f"--folds {bad_folds}: the study's many-shot folds are {list(study.folds)}.")
+    return Selection(task_keys, method_names, shot_values, tuple(folds) if folds else study.folds)
+
+
+def predicted_fewshot_folds(study: Study, task: TaskSpec, shots: list[int],
+                            existing: dict[str, dict], first_free: int) -> dict[tuple[int, int, int], int]:
+    """(base fold, shots, seed) -> fold id, as ``nnssl_fewshot`` assigns them when run once per seed."""
+    folds = dict(existing)
+    for seed in study.seeds:
+        folds = plan_fewshot_folds(shots, list(study.folds), seed, folds, first_free_fold=first_free)
+    return {(v["base_fold"], v["shots"], v["seed"]): int(k) for k, v in folds.items()}
+
+
+def plan_study(study: Study, selection: Selection, settings: Settings, state: ResultsState) -> StudyPlan:
+    """Every job of the selected part of the study, in start order (see the module docstring)."""
+    plan = StudyPlan(jobs=[])
+    to_pretrain = [m for m in selection.methods if study.methods[m].pretrained]
+    corpus_job = None
+    if any(state.pretrain(m, study.corpus_run) != DONE for m in to_pretrain):
+        corpus_job = _corpus_job(study, settings, state, plan)
+    plan_jobs = {}
+    for key in selection.tasks:
+        task = study.tasks[key]
+        if not state.raw_ready(task.dataset) and not state.preprocessed(task.dataset):
+            plan.missing.append(f"{task.dataset} is not in $nnUNet_raw; convert the download "
+                                f"({task.source.get('download', task.source.get('url', '?'))}) with: "
+                                f"nnssl_convert {task.key} <download folder>")
+        plan_jobs[key] = _plan_job(study, task.dataset_id, task.dataset, state)
+    pretrain_jobs = {m: _pretrain_job(study, m, settings, state, corpus_job) for m in to_pretrain}
+    plan.jobs += [*plan_jobs.values(), *pretrain_jobs.values()]
+    finetune_jobs: list[Job] = []
+    cka_jobs: list[Job] = []
+    for key in selection.tasks:
+        fewshot, finetune, cka = _task_jobs(study, study.tasks[key], selection, settings, state, plan_jobs[key],
+                                            pretrain_jobs)
+        plan.jobs += fewshot
+        finetune_jobs += finetune
+        cka_jobs += cka
+    report = ("nnssl_report", *(str(study.tasks[k].dataset_id) for k in selection.tasks),
+              "-o", str(settings.output / "report"))
+    plan.jobs += [*finetune_jobs, *cka_jobs,
+                  Job("report", "report", report, NEW, after=_ids(*finetune_jobs, *cka_jobs))]
+    return plan
+
+
+def _task_jobs(study: Study, task: TaskSpec, selection: Selection, settings: Settings, state: ResultsState,
+               plan_job: Job, pretrain_jobs: dict[str, Job]) -> tuple[list[Job], list[Job], list[Job]]:
+    """Few-shot fold, fine-tuning and CKA jobs of one task."""
+    shots = [n for n in task.few_shot if n in selection.shots]
+    existing, num_splits = state.fewshot(task.dataset)
+    fold_of = predicted_fewshot_folds(study, task, shots, existing, num_splits or NUM_MANY_SHOT_FOLDS)
+    fewshot_jobs = _fewshot_jobs(study, task, shots, existing, fold_of, plan_job)
+    runs = [(base, None, None) for base in selection.folds] if MANY_SHOT in selection.shots else []
+    runs += [(base, n, seed) for n in shots for base in selection.folds for seed in study.seeds]
+    finetune_jobs, cka_jobs = [], []
+    for name in selection.methods:
+        method = study.methods[name]
+        deps = _ids(plan_job, *fewshot_jobs, pretrain_jobs.get(name))
+        by_run = {(base, n, seed): _finetune_job(study, task, method.trainer, method.pretrained,
+                                                 base if n is None else fold_of[(base, n, seed)], deps, settings,
+                                                 state)
+                  for base, n, seed in runs}
+        finetune_jobs += by_run.values()
+        for base, n, seed in by_run:
+            if n is not None and base in study.cka_base_folds and (base, None, None) in by_run:
+                cka_jobs.append(_cka_job(study, task, method.trainer, n, base, seed, fold_of[(base, n, seed)],
+                                         (by_run[(base, n, seed)], by_run[(base, None, None)]), settings, state))
+    return fewshot_jobs, finetune_jobs, cka_jobs
+
+
+def _ids(*jobs: Job | None) -> tuple[str, ...]:
+    return tuple(job.id for job in jobs if job is not None)
+
+
+def _device_flag(settings: Settings) -> tuple[str, ...]:
+    """nnU-Net's (and nnssl_cka's) way to ask for the CPU; nnssl_pretrain spells it --device."""
+    return ("-device", "cpu") if settings.device == "cpu" else ()
+
+
+def _plan_job(study: Study, dataset_id: int, dataset: str, state: ResultsState, deps: tuple[str, ...] = ()) -> Job:
+    command = ("nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", study.configuration,
+               "--verify_dataset_integrity")
+    return Job(f"plan/{dataset}", "plan", command, DONE if state.preprocessed(dataset) else NEW, deps=deps)
+
+
+def _pretrain_job(study: Study, method: str, settings: Settings, state: ResultsState,
+                  corpus_job: Job | None) -> Job:
+    run_state = state.pretrain(method, study.corpus_run)
+    command = ["nnssl_pretrain", "-m", method, "-d", str(study.corpus_id), "--backbone", study.backbone,
+               "--run", study.corpus_run, *study.pretrain_args]
+    command += ["--device", "cpu"] if settings.device == "cpu" else []
+    command += ["--resume"] if run_state == RESUME else []
+    return Job(f"pretrain/{method}", "pretrain", tuple(command), run_state, deps=_ids(corpus_job), gpu=True)
+
+
+def _corpus_job(study: Study, settings: Settings, state: ResultsState, plan: StudyPlan) -> Job | None:
+    """The job that makes the preprocessed corpus, if it is not there yet (appended to ``plan``)."""
+    if state.preprocessed(study.corpus_dataset):
+        return None
+    if settings.corpus_dir is not None:
+        command = ("nnssl_prepare_corpus", "-i", str(settings.corpus_dir), "-d", str(study.corpus_id),
+                   "-n", study.corpus_name)
+        job = Job(f"prepare/{study.corpus_dataset}", "prepare", command, NEW)
+    elif state.raw_ready(study.corpus_dataset):
+        job = _plan_job(study, study.corpus_id, study.corpus_dataset, state)
+    else:
+        plan.missing.append(f"The pretraining corpus {study.corpus_dataset} is neither preprocessed nor in "
+                            f"$nnUNet_raw. Make it with: nnssl_prepare_corpus -i <CT folder> -d {study.corpus_id} "
+                            f"-n {study.corpus_name} (or pass --corpus-dir <CT folder>)")
+        return None
+    plan.jobs.append(job)
+    return job
+
+
+def _fewshot_jobs(study: Study, task: TaskSpec, shots: list[int], existing: dict[str, dict],
+                  fold_of: dict[tuple[int, int, int], int], plan_job: Job) -> list[Job]:
+    jobs: list[Job] = []
+    if not shots:
+        return jobs
+    recorded = {(v["base_fold"], v["shots"], v["seed"]) for v in existing.values()}
+    for seed in study.seeds:
+        wanted = [(fold_of[(base, n, seed)], base, n, seed) for n in shots for base in study.folds]
+        state = DONE if all((base, n, seed) in recorded for _, base, n, seed in wanted) else NEW
+        command = ("nnssl_fewshot", str(task.dataset_id), "--shots", *map(str, shots),
+                   "--folds", *map(str, study.folds), "--seed", str(seed))
+        jobs.append(Job(f"fewshot/{task.dataset}/seed{seed}", "fewshot", command, state,
+                        deps=_ids(plan_job, *jobs[-1:]), expects=tuple(wanted)))
+    return jobs
+
+
+def _finetune_job(study: Study, task: TaskSpec, trainer: str, pretrained: bool, fold: int, deps: tuple[str, ...],
+                  settings: Settings, state: ResultsState) -> Job:
+    run_state = state.finetune(task.dataset, trainer, fold)
+    command = ["nnUNetv2_train", str(task.dataset_id), study.configuration, str(fold), "-tr", trainer]
+    command += ["-p", study.plans_identifier] if study.plans_identifier != "nnUNetPlans" else []
+    command += [*_device_flag(settings), *(["--c"] if run_state == RESUME else [])]
+    env = {"nnssl_backbone": study.backbone, **study.finetune_env}
+    if pretrained:
+        env["nnssl_run"] = study.corpus_run  # the study's pretraining run, not whichever is newest
+    return Job(f"finetune/{task.dataset}/{trainer}/fold_{fold}", "finetune", tuple(command), run_state,
+               deps=deps, env=tuple(env.items()), gpu=True)
+
+
+def _cka_job(study: Study, task: TaskSpec, trainer: str, shots: int, base: int, seed: int, fold: int,
+             pair: tuple[Job, Job], settings: Settings, state: ResultsState) -> Job:
+    model = state.model_folder(task.dataset, trainer)
+    out = settings.output / "cka" / task.dataset / trainer / f"{shots}shot_fold{base}_seed{seed}"
+    command = ("nnssl_cka", f"{model}:{fold}", f"{model}:{base}", *_device_flag(settings), "-o", str(out))
+    done = state.file_exists(out / "cka.json")
+    return Job(f"cka/{task.dataset}/{trainer}/{shots}shot_fold{base}_seed{seed}", "cka", command,
+               DONE if done else NEW, deps=_ids(*pair), gpu=True)
+
+
+# -- what is on disk ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DiskState:
+    """:class:`ResultsState` read from nnU-Net's and nnssl's folders (missing folders: nothing is done)."""
+
+    raw_dir: Path
+    preprocessed_dir: Path
+    results_dir: Path
+    nnssl_results_dir: Path
+    study: Study
+
+    def raw_ready(self, dataset: str) -> bool:
+        from nnssl.benchmark.raw_dataset import is_complete
+
+        return is_complete(self.raw_dir / dataset)
+
+    def preprocessed(self, dataset: str) -> bool:
+        """Plans written and one preprocessed case (``.pkl``, nnU-Net writes it last) per training case."""
+        folder = self.preprocessed_dir / dataset
+        plans, meta = folder / f"{self.study.plans_identifier}.json", folder / "dataset.json"
+        if not plans.is_file() or not meta.is_file():
+            return False
+        try:
+            expected = json.loads(meta.read_text())["numTraining"]
+            data = json.loads(plans.read_text())["configurations"][self.study.configuration]["data_identifier"]
+        except (ValueError, KeyError):
+            return False
+        return len(list((folder / data).glob("*.pkl"))) == expected
+
+    def fewshot(self, dataset: str) -> tuple[dict[str, dict], int]:
+        from nnssl.fewshot import load_fewshot
+
+        folder = self.preprocessed_dir / dataset
+        splits = folder / SPLITS_FILENAME
+        try:
+            num_splits = len(json.loads(splits.read_text())) if splits.is_file() else 0
+        except ValueError:
+            raise NnsslError(f"{splits} is damaged; restore it or delete it with {FEWSHOT_FILENAME}.") from None
+        return load_fewshot(folder), num_splits
+
+    def pretrain(self, method: str, run: str) -> str:
+        folder = self.nnssl_results_dir / method / run
+        if (folder / "encoder_final.pth").is_file():
+            return DONE
+        return RESUME if (folder / "config.json").is_file() else NEW
+
+    def model_folder(self, dataset: str, trainer: str) -> Path:
+        """nnU-Net's trained-model folder ``$nnUNet_results/DatasetXXX/<trainer>__<plans>__<configuration>``."""
+        return self.results_dir / dataset / f"{trainer}__{self.study.plans_identifier}__{self.study.configuration}"
+
+    def finetune(self, dataset: str, trainer: str, fold: int) -> str:
+        folder = self.model_folder(dataset, trainer) / f"fold_{fold}"
+        final = (folder / "checkpoint_final.pth").is_file()
+        if final and (folder / "validation" / "summary.json").is_file():
+            return DONE
+        # --c continues from checkpoint_latest.pth, or only validates when checkpoint_final.pth exists
+        return RESUME if final or (folder / "checkpoint_latest.pth").is_file() else NEW
+
+    def file_exists(self, path: Path) -> bool:
+        return path.is_file()

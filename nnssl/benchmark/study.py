@@ -1,0 +1,143 @@
+"""The study as data: ``plans/benchmark.json`` read into typed, validated objects.
+
+Everything benchmark-specific (tasks, dataset ids, labels, few-shot sizes, methods, trainers, folds, seeds,
+corpus) lives in that file; code reads it through :func:`load_study` and never repeats its contents.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nnssl.errors import NnsslError
+from nnssl.plans import did_you_mean, load_plan
+
+DEFAULT_PLAN = "benchmark.json"
+MODALITIES = ("CT", "MRI")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One fine-tuning task: where its public data comes from and what nnU-Net dataset it becomes."""
+
+    key: str  # the name used on the command line, e.g. "AMOS-CT"
+    dataset_id: int
+    dataset_name: str
+    modality: str  # "CT" or "MRI": written to dataset.json as "imaging_modality"
+    converter: str
+    channel_names: dict[str, str]
+    labels: dict[str, int]
+    few_shot: tuple[int, ...]
+    expected_cases: int | None
+    description: str
+    source: dict[str, str]
+    options: dict[str, Any] = field(default_factory=dict)  # converter-specific keys of the task entry
+
+    @property
+    def dataset(self) -> str:
+        """nnU-Net's folder name, e.g. ``Dataset003_Liver``."""
+        return f"Dataset{self.dataset_id:03d}_{self.dataset_name}"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str  # nnssl_pretrain -m name ("scratch" has no pretraining)
+    trainer: str
+    pretrained: bool
+
+
+@dataclass(frozen=True)
+class Study:
+    tasks: dict[str, TaskSpec]
+    methods: dict[str, MethodSpec]
+    folds: tuple[int, ...]
+    seeds: tuple[int, ...]
+    backbone: str
+    configuration: str
+    plans_identifier: str
+    corpus_id: int
+    corpus_name: str
+    corpus_run: str
+    cka_base_folds: tuple[int, ...]
+    source: Path
+    pretrain_args: tuple[str, ...] = ()  # extra nnssl_pretrain options (e.g. --epochs 2 for a toy study)
+    finetune_env: dict[str, str] = field(default_factory=dict)  # e.g. {"nnssl_num_epochs": "5"}
+
+    @property
+    def corpus_dataset(self) -> str:
+        return f"Dataset{self.corpus_id:03d}_{self.corpus_name}"
+
+    def task(self, name: str | int) -> TaskSpec:
+        """A task by its key (any case), dataset id (``3``, ``"003"``), folder name or MSD folder name."""
+        text = str(name).strip()
+        by_key = {key.lower(): task for key, task in self.tasks.items()}
+        if text.lower() in by_key:
+            return by_key[text.lower()]
+        for task in self.tasks.values():
+            aliases = {task.dataset, task.dataset_name, f"Task{task.dataset_id:02d}_{task.dataset_name}"}
+            if text.lower() in {a.lower() for a in aliases} or (text.isdigit() and int(text) == task.dataset_id):
+                return task
+        raise NnsslError(f"Unknown task '{text}'. Tasks of the study ({self.source}): {', '.join(self.tasks)}."
+                         f"{did_you_mean(text, list(self.tasks))}")
+
+    def method(self, name: str) -> MethodSpec:
+        if name not in self.methods:
+            raise NnsslError(f"Unknown method '{name}'. Methods of the study ({self.source}): "
+                             f"{', '.join(self.methods)}.{did_you_mean(name, list(self.methods))}")
+        return self.methods[name]
+
+
+_TASK_KEYS = {"dataset_id", "dataset_name", "modality", "converter", "channel_names", "labels", "few_shot",
+              "expected_cases", "description", "source"}
+
+
+def load_study(plan: str | Path | None = None) -> Study:
+    """Read and check a benchmark plan: ``plans/benchmark.json`` by default, or the JSON file ``plan``."""
+    # an absolute path replaces plans_dir() in load_plan's join, so a custom plan is read by the same code
+    source = Path(DEFAULT_PLAN) if plan is None else Path(plan).resolve()
+    data = load_plan(str(source))
+    try:
+        return _parse(data, source)
+    except (KeyError, TypeError, ValueError) as err:
+        raise NnsslError(f"Benchmark plan {source} is malformed ({type(err).__name__}: {err}). "
+                         f"Compare it with plans/{DEFAULT_PLAN}.") from None
+
+
+def _parse(data: dict[str, Any], source: Path) -> Study:
+    tasks = {key: _parse_task(key, entry, source) for key, entry in data["tasks"].items()}
+    ids = [t.dataset_id for t in tasks.values()] + [int(data["corpus"]["dataset_id"])]
+    duplicated = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicated:
+        raise NnsslError(f"{source}: dataset id(s) {duplicated} are used twice; every task and the corpus "
+                         f"need their own nnU-Net id.")
+    methods = {name: MethodSpec(name, entry["trainer"], bool(entry.get("pretrained", True)))
+               for name, entry in data["methods"].items()}
+    return Study(
+        tasks=tasks, methods=methods, folds=tuple(int(f) for f in data["folds"]),
+        seeds=tuple(int(s) for s in data["seeds"]), backbone=data["backbone"],
+        configuration=data["configuration"], plans_identifier=data["plans_identifier"],
+        corpus_id=int(data["corpus"]["dataset_id"]), corpus_name=data["corpus"]["name"],
+        corpus_run=data["corpus"]["run"], cka_base_folds=tuple(int(f) for f in data["cka"]["base_folds"]),
+        source=source, pretrain_args=tuple(str(a) for a in data.get("pretrain_args", [])),
+        finetune_env={str(k): str(v) for k, v in data.get("finetune_env", {}).items()},
+    )
+
+
+def _parse_task(key: str, entry: dict[str, Any], source: Path) -> TaskSpec:
+    if entry["modality"] not in MODALITIES:
+        raise NnsslError(f"{source}: task {key} has modality {entry['modality']!r}; use one of {list(MODALITIES)}.")
+    labels = {name: int(value) for name, value in entry["labels"].items()}
+    if sorted(labels.values()) != list(range(len(labels))) or labels.get("background") != 0:
+        raise NnsslError(f"{source}: task {key} labels must be background=0 and consecutive integers "
+                         f"(nnU-Net's rule); got {labels}.")
+    few_shot = tuple(int(n) for n in entry["few_shot"])
+    if any(n < 1 for n in few_shot):
+        raise NnsslError(f"{source}: task {key} few_shot sizes must be >= 1; got {list(few_shot)}.")
+    return TaskSpec(
+        key=key, dataset_id=int(entry["dataset_id"]), dataset_name=entry["dataset_name"],
+        modality=entry["modality"], converter=entry.get("converter", ""),  # none for data made by nnssl itself
+        channel_names={str(k): v for k, v in entry["channel_names"].items()}, labels=labels, few_shot=few_shot,
+        expected_cases=entry.get("expected_cases"), description=entry.get("description", ""),
+        source=dict(entry.get("source", {})),
+        options={k: v for k, v in entry.items() if k not in _TASK_KEYS and not k.startswith("_")},
+    )

@@ -1,0 +1,48 @@
+"""nnssl_benchmark: plan and run the whole study (pretraining, nnU-Net planning, few-shot folds, fine-tuning,
+CKA, report) from plans/benchmark.json, resumably, one job per GPU."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from nnssl.errors import exit_on_user_error
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="nnssl_benchmark",
+        description="Run the benchmark of plans/benchmark.json: corpus pretraining per method, "
+                    "nnUNetv2_plan_and_preprocess per task, nnssl_fewshot folds, every nnUNetv2_train fine-tuning "
+                    "run (validation included), nnssl_cka (few- vs many-shot) and nnssl_report. Finished runs "
+                    "are skipped and interrupted ones continued (--c / --resume), so the same command resumes the "
+                    "study. Logs: <output>/logs/<job>.log; outcome: <output>/summary.json.",
+        epilog="Examples: nnssl_benchmark --dry-run | nnssl_benchmark --tasks BTCV CHAOS --methods smit scratch "
+               "--shots 5 all --folds 0 --gpus 4")
+    parser.add_argument("--tasks", nargs="+", metavar="TASK", help="task names or dataset ids (default: all nine)")
+    parser.add_argument("--methods", nargs="+", metavar="M", help="SSL methods and/or scratch (default: all)")
+    parser.add_argument("--shots", nargs="+", metavar="N", help="few-shot sizes and/or 'all' for the many-shot "
+                                                               "folds (default: every size of the plan, and all)")
+    parser.add_argument("--folds", nargs="+", type=int, metavar="F", help="many-shot folds, and the few-shot "
+                                                                          "folds drawn from them (default: 0-4)")
+    parser.add_argument("--gpus", type=int, help="GPUs to use, one job each (default: all visible)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: run every job on the CPU, one at a time (toy studies)")
+    parser.add_argument("--corpus-dir", help="raw CT folder to make the pretraining corpus from if it is missing")
+    parser.add_argument("-o", dest="output", help="folder for logs, CKA and report (default: "
+                                                  "$nnssl_results/benchmark)")
+    parser.add_argument("--plan", help="benchmark plan JSON (default: plans/benchmark.json)")
+    parser.add_argument("--dry-run", action="store_true", help="print every job's exact command and state; run nothing")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with exit_on_user_error("nnssl_benchmark"):
+        from nnssl.benchmark.driver import run_benchmark
+
+        outcome = run_benchmark(tasks=args.tasks, methods=args.methods, shots=args.shots, folds=args.folds,
+                                gpus=args.gpus, dry_run=args.dry_run, plan=args.plan, output=args.output,
+                                device=args.device, corpus_dir=args.corpus_dir)
+        print(outcome.text)
+    return 0 if outcome.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""BYOL (Grill et al. NeurIPS 2020, https://arxiv.org/abs/2006.07733) on 3D CT views."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from nnssl.errors import NnsslError
+from nnssl.losses.contrastive import byol_loss
+from nnssl.methods.base import SSLMethod, ViewSpec
+from nnssl.methods.registry import register_method
+from nnssl.methods.simclr import CONTRASTIVE_VIEWS
+from nnssl.networks.heads import MLPHead, PooledEncoder, frozen_copy
+from nnssl.networks.swin import SwinEncoder
+
+
+@register_method("byol")
+class BYOL(SSLMethod):
+    """BYOL: the online network (encoder + projector) and a predictor regress the EMA target network's
+    projection of the other view with ``2 - 2 cos``, symmetrised over the two views; no negatives.
+
+    "The projection MLP ... a linear layer with output size 4096 followed by batch normalization,
+    rectified linear units, and a final linear layer with output dimension 256. ... the predictor q_theta
+    uses the same architecture as g_theta" (Sec. 3.3). The target is a deep copy of the online network
+    that the shared loop moves by EMA (``momentum`` 0.996, raised to 1 on a cosine schedule).
+
+    MoCo v3 (``mocov3``) reuses this structure with other heads and InfoNCE: subclasses override
+    :meth:`build_heads` and :meth:`loss`.
+    """
+
+    family = "contrastive"
+    description = "BYOL: online predictor regresses an EMA target's projection of the other view (2-2cos)"
+
+    def __init__(self, encoder: SwinEncoder, hidden_dim: int = 4096, proj_dim: int = 256, momentum: float = 0.996):
+        super().__init__(encoder)
+        if not (isinstance(momentum, (int, float)) and math.isfinite(momentum) and 0 <= momentum <= 1):
+            raise NnsslError(f"{self.name}: momentum must be in [0, 1] (the EMA teacher's base momentum), got "
+                             f"{momentum!r}. Set \"momentum\" under \"method\" in plans/pretrain/{self.name}.json "
+                             f"or with --plans-override method.momentum=VALUE.")
+        self.momentum = float(momentum)
+        projector, self.predictor = self.build_heads(encoder.out_channels[-1], hidden_dim, proj_dim)
+        self.online = nn.Sequential(PooledEncoder(encoder), projector)
+        self.target = frozen_copy(self.online)  # the shared loop updates it from ema_pairs()
+
+    @staticmethod
+    def build_heads(embed_dim: int, hidden_dim: int, proj_dim: int) -> tuple[nn.Module, nn.Module]:
+        """(projector, predictor): both 2-layer MLPs, ``embed_dim`` / ``proj_dim`` -> 4096 -> 256."""
+        return MLPHead(embed_dim, hidden_dim, proj_dim), MLPHead(proj_dim, hidden_dim, proj_dim)
+
+    def view_spec(self) -> ViewSpec:
+        return CONTRASTIVE_VIEWS
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.online, self.target)]
+
+    def teacher_encoder(self) -> SwinEncoder:
+        return self.target[0].encoder
+
+    def predictions_and_targets(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Online predictions ``p1, p2`` and target projections ``z1, z2`` (no gradient), ``(B, proj_dim)``."""
+        v1, v2 = batch["view1"], batch["view2"]  # (B, C, X, Y, Z) each
+        p1, p2 = self.predictor(self.online(v1)), self.predictor(self.online(v2))
+        with torch.no_grad():
+            z1, z2 = self.target(v1), self.target(v2)
+        return p1, p2, z1, z2
+
+    def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        p1, p2, z1, z2 = self.predictions_and_targets(batch)
+        terms = {"byol_12": byol_loss(p1, z2), "byol_21": byol_loss(p2, z1)}
+        return {"loss": sum(terms.values()), **{k: v.detach() for k, v in terms.items()}}

@@ -1,0 +1,144 @@
+"""Issue 6 few-shot folds: nested seeded subsets appended to nnU-Net's splits_final.json, nothing else touched."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import run_cli
+from nnssl.errors import NnsslError
+from nnssl.fewshot import FEWSHOT_FILENAME, SPLITS_FILENAME, add_fewshot_folds, fewshot_cases, plan_fewshot_folds
+
+CASES = [f"case_{i:02d}" for i in range(20)]
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    """Dataset123_Toy with a hand-made 5-fold split of 20 cases (fold k validates on every fifth case)."""
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    folder = tmp_path / "Dataset123_Toy"
+    folder.mkdir()
+    splits = [{"train": [c for i, c in enumerate(CASES) if i % 5 != k], "val": CASES[k::5]} for k in range(5)]
+    (folder / SPLITS_FILENAME).write_text(json.dumps(splits, indent=4))
+    return folder
+
+
+def read(folder, name=SPLITS_FILENAME):
+    return json.loads((folder / name).read_text())
+
+
+def test_fewshot_folds_are_nested_and_validate_like_their_base_fold(toy):
+    before = read(toy)
+    folds = add_fewshot_folds(123, shots=[1, 5, 10], seed=0)
+    splits = read(toy)
+    assert splits[:5] == before and len(splits) == 20
+    # ids: for each shot count in the order given, for each base fold
+    assert [(f.fold, f.base_fold, f.shots) for f in folds] == \
+        [(5 + 5 * s + b, b, n) for s, n in enumerate([1, 5, 10]) for b in range(5)]
+    assert all(f.added and f.num_val == 4 for f in folds)
+    for base in range(5):
+        one, five, ten = (set(splits[5 + 5 * s + base]["train"]) for s in range(3))
+        assert len(one) == 1 and len(five) == 5 and len(ten) == 10
+        assert one < five < ten < set(before[base]["train"])
+        assert all(splits[5 + 5 * s + base]["val"] == before[base]["val"] for s in range(3))
+    assert read(toy, FEWSHOT_FILENAME) == {"version": 1, "folds": {
+        str(f.fold): {"base_fold": f.base_fold, "shots": f.shots, "seed": 0} for f in folds}}
+
+
+def test_selection_depends_on_seed_only():
+    train = CASES[:16]
+    assert fewshot_cases(train, 5, base_fold=0, seed=0) == fewshot_cases(train[::-1], 5, base_fold=0, seed=0)
+    assert fewshot_cases(train, 5, base_fold=0, seed=0) != fewshot_cases(train, 5, base_fold=0, seed=1)
+    assert fewshot_cases(train, 16, base_fold=0, seed=3) == sorted(train)
+
+
+def test_running_again_changes_nothing_and_new_shots_are_appended(toy):
+    add_fewshot_folds(123, shots=[1, 5], seed=0)
+    files = {name: (toy / name).read_bytes() for name in (SPLITS_FILENAME, FEWSHOT_FILENAME)}
+    again = add_fewshot_folds("Dataset123_Toy", shots=[5, 1], seed=0)
+    assert not any(f.added for f in again) and len(again) == 10
+    assert {name: (toy / name).read_bytes() for name in files} == files
+    more = add_fewshot_folds(123, shots=[5, 2], folds=[3], seed=7)
+    assert [(f.fold, f.base_fold, f.shots, f.seed, f.added) for f in more] == [(15, 3, 5, 7, True), (16, 3, 2, 7, True)]
+    splits = read(toy)
+    assert json.loads(files[SPLITS_FILENAME]) == splits[:15]
+    assert set(splits[16]["train"]) < set(splits[15]["train"])
+
+
+def test_interrupted_call_is_completed_by_the_next(toy):
+    add_fewshot_folds(123, shots=[1, 2], seed=0)
+    complete = read(toy)
+    (toy / SPLITS_FILENAME).write_text(json.dumps(complete[:5]))  # fewshot.json was written, the splits not
+    add_fewshot_folds(123, shots=[1, 2], seed=0)
+    assert read(toy) == complete
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"shots": [1, 17]}, r"--shots 17 is more than the training set of fold\(s\) \[0, 1, 2, 3, 4\].*"
+                         r"fold 0: 16 cases.*Use at most 16 shots"),
+    ({"shots": [0]}, r"--shots needs positive whole numbers.*got \[0\]"),
+    ({"shots": [1], "folds": [5]}, r"--folds 5: fold 5 is itself a few-shot fold"),
+    ({"shots": [1], "folds": [12]}, r"--folds 12: .* has folds 0-9; choose base folds among the many-shot folds "
+                                    r"\[0, 1, 2, 3, 4\]"),
+    ({"shots": [1], "seed": -1}, r"--seed must be 0 or positive; got -1"),
+])
+def test_bad_requests_are_refused_and_change_nothing(toy, options, message):
+    add_fewshot_folds(123, shots=[3], seed=0)
+    files = {p.name: p.read_bytes() for p in toy.iterdir()}
+    with pytest.raises(NnsslError, match=message):
+        add_fewshot_folds(123, **options)
+    assert {p.name: p.read_bytes() for p in toy.iterdir()} == files
+
+
+def test_edited_or_damaged_files_are_reported(toy):
+    add_fewshot_folds(123, shots=[3], seed=0)
+    splits = read(toy)
+    splits[6]["train"] = splits[6]["train"][:2]
+    (toy / SPLITS_FILENAME).write_text(json.dumps(splits))
+    with pytest.raises(NnsslError, match=r"Fold 6 of .* is not the 3-shot fold of base fold 1 \(seed 0\)"):
+        add_fewshot_folds(123, shots=[3], seed=0)
+    (toy / SPLITS_FILENAME).write_text("[{")
+    with pytest.raises(NnsslError, match=r"splits_final.json is damaged"):
+        add_fewshot_folds(123, shots=[3], seed=0)
+    (toy / SPLITS_FILENAME).write_text(json.dumps(splits[:5]))
+    (toy / FEWSHOT_FILENAME).write_text(json.dumps({"version": 1, "folds": {"5": {"base_fold": 0}}}))
+    with pytest.raises(NnsslError, match=r"fewshot.json is not a few-shot table"):
+        add_fewshot_folds(123, shots=[3], seed=0)
+    with pytest.raises(NnsslError, match=r"No dataset '124' in \$nnUNet_preprocessed"):
+        add_fewshot_folds(124, shots=[3], seed=0)
+
+
+def test_plan_keeps_existing_ids():
+    existing = {"5": {"base_fold": 2, "shots": 1, "seed": 0}}
+    plan = plan_fewshot_folds([1, 5], [2, 3], seed=0, existing=existing, first_free_fold=6)
+    assert plan == {"5": {"base_fold": 2, "shots": 1, "seed": 0}, "6": {"base_fold": 3, "shots": 1, "seed": 0},
+                    "7": {"base_fold": 2, "shots": 5, "seed": 0}, "8": {"base_fold": 3, "shots": 5, "seed": 0}}
+
+
+def test_console_script_makes_nnunets_split_and_the_trainer_uses_the_fold(ct_task, tmp_path, monkeypatch):
+    """Real nnssl_fewshot on a copy of the CT task; nnU-Net's own do_split is the reference for folds 0-4."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for root in (ours, theirs):
+        shutil.copytree(ct_task.preprocessed, root / ct_task.preprocessed.name,
+                        ignore=shutil.ignore_patterns(SPLITS_FILENAME, FEWSHOT_FILENAME))
+    result = run_cli("nnssl_fewshot", ct_task.dataset_id, "--shots", "1", "5", "--folds", "0", "2",
+                     env={"nnUNet_preprocessed": str(ours)})
+    assert result.stdout.splitlines()[1:] == [
+        "    5     0      1     0      1     2  added", "    6     2      1     0      1     2  added",
+        "    7     0      5     0      5     2  added", "    8     2      5     0      5     2  added"]
+    too_many = run_cli("nnssl_fewshot", ct_task.dataset_id, "--shots", "7", env={"nnUNet_preprocessed": str(ours)},
+                       check=False)
+    assert too_many.returncode == 2 and "nnssl_fewshot: error: --shots 7 is more than" in too_many.stderr
+    splits = read(ours / ct_task.dataset)
+
+    from nnunetv2.run.run_training import get_trainer_from_args
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    for root, fold in ((theirs, 0), (ours, 7)):
+        monkeypatch.setenv("nnUNet_preprocessed", str(root))
+        trainer = get_trainer_from_args(ct_task.dataset, "3d_fullres", fold, "SwinUNETR_Scratch_Trainer",
+                                        device=torch.device("cpu"))
+        train, val = trainer.do_split()
+        assert (sorted(train), sorted(val)) == (sorted(splits[fold]["train"]), sorted(splits[fold]["val"]))
+    assert read(theirs / ct_task.dataset) == splits[:5]  # written by nnU-Net's do_split: the same folds 0-4
+    log = next((tmp_path / "results").rglob("fold_7/training_log_*.txt")).read_text()
+    assert "fold 7 is the 5-shot fold drawn from fold 0 (seed 0" in log
