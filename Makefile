@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+# UTF-8 text I/O whatever the machine's locale (CI images often run in the C locale)
+export PYTHONUTF8 := 1
 STAMP  := $(VENV)/.nnssl-installed
 # pytest exits 5 when it collected no test; that is a broken suite, not a pass, so it is reported.
 PYTEST_ARGS ?=

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import platform
+import re
 import sys
 import time
 import traceback
@@ -25,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from nnssl.errors import NnsslError, exit_on_user_error
-from nnssl.io import load_json, save_json
+from nnssl.io import load_json, save_json, save_text
 from nnssl.plans import did_you_mean
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results.json"
+RESULTS_MD = BENCH_DIR / "RESULTS.md"  # results.json as tables, rewritten with it
 ROW_KEYS = ("name", "ours", "baseline", "unit", "ratio", "config")
 
 
@@ -99,6 +101,38 @@ def merge(rows: list[dict], path: Path = RESULTS) -> list[dict]:
     return merged
 
 
+def markdown(rows: list[dict]) -> str:
+    """``rows`` (the stored results) as RESULTS.md: a table per benchmark, each row with its machine label."""
+    machines: dict[str, str] = {}
+    for row in rows:
+        machines.setdefault(_machine_text(row), f"M{len(machines) + 1}")
+    lines = ["# nnssl benchmark results", "",
+             "Written by `make bench` (`python -m bench.run`) from `bench/results.json`; do not edit by hand. "
+             "`ratio` > 1: ours is better (faster, less memory, more throughput), against the baseline measured "
+             "in the same run. What each row measures: the docstring of `bench/bench_<topic>.py`.", ""]
+    topics: dict[str, list[dict]] = {}
+    for row in rows:
+        topics.setdefault(row["name"].split("_")[0], []).append(row)
+    for topic, group in topics.items():
+        lines += [f"## {topic} (`bench/bench_{topic}.py`)", "",
+                  "| name | ours | baseline | unit | ratio | measured | machine | load |",
+                  "|---|---:|---:|---|---:|---|---|---|"]
+        for row in sorted(group, key=lambda r: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", r["name"])]):
+            load = row["config"].get("machine", {}).get("load_average", ["?"])[0]
+            lines.append(f"| {row['name']} | {row['ours']:.4g} | {row['baseline']:.4g} | {row['unit']} | "
+                         f"{row['ratio']:.2f} | {row['config'].get('measured', '?')} | "
+                         f"{machines[_machine_text(row)]} | {load} |")
+        lines.append("")
+    lines += ["## Machines", ""] + [f"- {label}: {described}" for described, label in machines.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _machine_text(row: dict) -> str:
+    m = row["config"].get("machine", {})
+    return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('gpu') or 'no GPU'}, torch "
+            f"{m.get('torch', '?')}, {m.get('threads', '?')} threads")
+
+
 def format_table(rows: list[dict]) -> str:
     """The rows as a fixed-width table: name, ours, baseline, unit, ratio."""
     width = max([len("name")] + [len(row["name"]) for row in rows])
@@ -126,7 +160,7 @@ def run_benchmarks(full: bool = False, only: list[str] | None = None, results: P
             timespec="seconds")}
         for row in rows:
             row["config"] = {**row["config"], **stamp}
-        merge(rows, results)
+        save_text(markdown(merge(rows, results)), results.with_name(RESULTS_MD.name))
         print(format_table(rows), flush=True)
         print(f"({len(rows)} rows, {time.perf_counter() - start:.0f} s, merged into {results})\n", flush=True)
     return failed

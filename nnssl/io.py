@@ -29,12 +29,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def save_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=indent, sort_keys=False, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(obj, indent=indent, sort_keys=False, default=_json_default) + "\n", encoding="utf-8")
 
 
 def save_text(text: str, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
@@ -45,7 +45,7 @@ def save_torch(obj: Any, path: str | os.PathLike) -> None:
 
 
 def load_json(path: str | os.PathLike) -> Any:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 

@@ -26,7 +26,7 @@ def load_plan(relative_path: str) -> dict[str, Any]:
     if not path.is_file():
         raise NnsslError(f"Plan file {path} does not exist.")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise NnsslError(f"Plan file {path} is not valid JSON: {err}") from None
 

@@ -13,6 +13,8 @@ environment at the start of a training and saved in the model folder's ``plans.j
   iterations per epoch become a fifth of it (nnU-Net's ratio, 50 of 250).
 - ``nnssl_save_every``: epochs between ``checkpoint_latest.pth`` writes (default 50, as nnU-Net); on
   preemptible machines a smaller value loses less to a kill, and ``--c`` continues from it.
+- ``nnssl_lr``: peak learning rate of AdamW (default 1e-4, the SwinUNETR fine-tuning setting); short
+  runs such as the demo's learn more with a higher one.
 - ``nnssl_run``: which pretraining run of the method to use (default: the newest finished one).
 
 Where a method trainer's encoder comes from, first match wins: ``-pretrained_weights FILE``;
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -51,16 +54,18 @@ PROG = "nnUNetv2_train"
 NNUNET_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")  # the order --c tries
 
 
-def _env_positive_int(name: str) -> int | None:
+def _env_positive(name: str, kind: type[int] | type[float]) -> int | float | None:
+    """The positive ``kind`` in environment variable ``name``, or None when it is unset or empty."""
     value = os.environ.get(name)
     if value is None or value == "":
         return None
     try:
-        number = int(value)
+        number = kind(value)
     except ValueError:
         number = 0
-    if number <= 0:
-        raise NnsslError(f"Environment variable {name}={value!r} must be a positive whole number, e.g. {name}=5.")
+    if not (math.isfinite(number) and number > 0):
+        what, example = ("whole number", "5") if kind is int else ("number", "3e-4")
+        raise NnsslError(f"Environment variable {name}={value!r} must be a positive {what}, e.g. {name}={example}.")
     return number
 
 
@@ -101,7 +106,6 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         with exit_on_user_error(PROG):
             nnunet_results()  # nnU-Net would fail later with a bare traceback
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = self.initial_lr_default
         self.weight_decay = self.weight_decay_default
         self.enable_deep_supervision = False
         self.encoder_checkpoint_path: Path | None = None  # set from -pretrained_weights
@@ -112,6 +116,9 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         with exit_on_user_error(PROG):
             self._configure()
             self._log_fewshot_fold()
+            threads = _env_positive("OMP_NUM_THREADS", int)
+        if self.device.type == "cpu" and threads:  # nnU-Net sets every core, ignoring it: parallel CPU jobs
+            torch.set_num_threads(threads)
 
     # -- settings -----------------------------------------------------------------------------------
     @property
@@ -135,8 +142,8 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         backbone, self._backbone_origin = self._choose_backbone(saved)
         planned = saved.get("planned_patch_size") or list(self.configuration_manager.patch_size)
 
-        def knob(variable: str, key: str, default: int) -> int:
-            return _env_positive_int(variable) or saved.get(key) or default
+        def knob(variable: str, key: str, default: int | float) -> int | float:
+            return _env_positive(variable, type(default)) or saved.get(key) or default
 
         configuration[PLANS_KEY] = {
             "backbone": backbone.to_dict(),
@@ -146,6 +153,7 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
             "iterations_per_epoch": knob("nnssl_iterations_per_epoch", "iterations_per_epoch",
                                          self.num_iterations_per_epoch),
             "save_every": knob("nnssl_save_every", "save_every", self.save_every),
+            "initial_lr": knob("nnssl_lr", "initial_lr", self.initial_lr_default),
             "trainer": self.__class__.__name__,
             "pretrained": saved.get("pretrained"),
         }
@@ -155,6 +163,7 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         self.num_iterations_per_epoch = settings["iterations_per_epoch"]
         self.num_val_iterations_per_epoch = max(1, round(self.num_iterations_per_epoch / 5))
         self.save_every = settings["save_every"]
+        self.initial_lr = settings["initial_lr"]
 
     def _choose_backbone(self, saved: dict) -> tuple[BackbonePreset, str]:
         """The preset of this model folder and where it comes from: "saved model", "environment" or "default"."""

@@ -158,6 +158,13 @@ CASES = [
     Case("cka-missing-folder", "nnssl_cka", ["{tmp}/nope", "{tmp}/nope2", "-o", "{tmp}/out"], "nope"),
     Case("cka-folder-without-model", "nnssl_cka", ["{tmp}", "{tmp}", "-o", "{tmp}/out"], "{tmp}"),
     Case("cka-missing-fold", "nnssl_cka", ["{scratch}:3", "{scratch}:0", "-o", "{tmp}/out"], "fold_3"),
+    Case("cka-patch-not-multiple", "nnssl_cka", ["{scratch}", "{scratch}", "--patch-size", "40", "64", "64",
+                                                 "-device", "cpu", "-o", "{tmp}/out"], "multiples of 32"),
+    Case("cka-patch-one-voxel-bottleneck", "nnssl_cka", ["{scratch}", "{scratch}", "--patch-size", "32", "32", "32",
+                                                         "-device", "cpu", "-o", "{tmp}/out"], "at least 64"),
+    Case("cka-too-few-distinct-patches", "nnssl_cka", ["{scratch}", "{scratch}", "--cases", "1", "--patch-size",
+                                                       "512", "512", "512", "-device", "cpu", "-o", "{tmp}/out"],
+         "1 case(s) give 1 distinct patch(es)"),
     # nnssl_report
     Case("report-no-results-var", "nnssl_report", ["-o", "{tmp}/r"], "nnUNet_results", env={"nnUNet_results": None}),
     Case("report-unknown-dataset", "nnssl_report", ["444", "-o", "{tmp}/r"], "444"),
@@ -186,7 +193,7 @@ CASES = [
     Case("synthetic-no-raw-var", "nnssl_make_synthetic", ["task", "-d", "931"], "nnUNet_raw is not set",
          env={"nnUNet_raw": None}),
     Case("synthetic-bad-id", "nnssl_make_synthetic", ["task", "-d", "0"], "between 1 and 999"),
-    # trainers under nnUNetv2_train (one fold per case: nnU-Net names its log file by the second it starts)
+    # trainers under nnUNetv2_train (each case trains into its own nnUNet_results, see test_bad_input)
     Case("train-unknown-backbone", "nnUNetv2_train", [CT, "3d_fullres", "1", "-tr", "SwinUNETR_Scratch_Trainer",
                                                        "-device", "cpu"], "Unknown backbone preset 'large'",
          env={"nnssl_backbone": "large"}),
@@ -225,7 +232,10 @@ def world(ct_task, trained_scratch, pretrain_corpus, nnunet_env):
 def test_bad_input(case: Case, world, tmp_path, monkeypatch, capsys):
     if case.setup is not None:
         case.setup(tmp_path)
-    for key, value in case.env.items():
+    env = dict(case.env)
+    if case.tool == "nnUNetv2_train":  # a refused training still makes its fold folder: keep the shared model clean
+        env.setdefault("nnUNet_results", str(tmp_path / "results"))
+    for key, value in env.items():
         if value is None:
             monkeypatch.delenv(key, raising=False)
         else:

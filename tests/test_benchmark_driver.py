@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nnssl.benchmark import driver
-from nnssl.benchmark.driver import check_fewshot, gpu_slots, run_benchmark
+from nnssl.benchmark.driver import check_fewshot, cpu_slots, gpu_slots, run_benchmark
 from nnssl.benchmark.executor import ALREADY_DONE, FAILED, OK, SKIPPED, format_summary, run_jobs
 from nnssl.benchmark.jobs import DONE, NEW, RESUME, DiskState, Job, Settings, plan_study, select
 from nnssl.benchmark.study import load_study
@@ -255,9 +255,9 @@ def test_executor_runs_skips_and_reports(tmp_path):
     results = {r.job.id: r for r in run_jobs(jobs, tmp_path / "logs", gpu_slots=["7"], poll_seconds=0.01)}
     assert {k: r.status for k, r in results.items()} == {
         "a": OK, "b": FAILED, "c": SKIPPED, "d": OK, "e": ALREADY_DONE, "f": OK, "g": FAILED}
-    assert results["b"].returncode == 3 and "broken" in results["b"].log.read_text()
+    assert results["b"].returncode == 3 and "broken" in results["b"].log.read_text(encoding="utf-8")
     assert results["c"].message == "dependency b did not succeed"
-    assert marker.read_text().split() == ["7", "paper_d501"]
+    assert marker.read_text(encoding="utf-8").split() == ["7", "paper_d501"]
     assert "could not start" in results["g"].message
     summary = format_summary(list(results.values()))
     assert "3 job(s) did not succeed" in summary and str(results["b"].log) in summary
@@ -274,7 +274,7 @@ def test_executor_runs_one_job_per_gpu_at_the_same_time(tmp_path):
     jobs = [Job("x", "finetune", barrier("x", "y"), gpu=True), Job("y", "finetune", barrier("y", "x"), gpu=True)]
     results = run_jobs(jobs, tmp_path / "logs", gpu_slots=["0", "1"], poll_seconds=0.01)
     assert [r.status for r in results] == [OK, OK]
-    assert {r.log.read_text().splitlines()[0].split("CUDA_VISIBLE_DEVICES=")[1][0] for r in results} == {"0", "1"}
+    assert {r.log.read_text(encoding="utf-8").splitlines()[0].split("CUDA_VISIBLE_DEVICES=")[1][0] for r in results} == {"0", "1"}
 
 
 def test_executor_check_can_fail_a_job_and_its_dependents(tmp_path):
@@ -291,16 +291,16 @@ def test_run_benchmark_writes_summary(results_tree, tmp_path, monkeypatch):
         monkeypatch.setenv(name, str(root))
     seen = {}
 
-    def fake_run_jobs(jobs, log_dir, gpu_slots, check):
-        seen.update(slots=gpu_slots, log_dir=log_dir)
+    def fake_run_jobs(jobs, log_dir, gpu_slots, env, check):
+        seen.update(slots=gpu_slots, log_dir=log_dir, env=env)
         return run_jobs([Job(j.id, j.kind, ("true",), j.state, j.deps, j.after) for j in jobs], log_dir,
                         poll_seconds=0.01)
 
     monkeypatch.setattr(driver, "run_jobs", fake_run_jobs)
     outcome = run_benchmark(tasks=["CHAOS"], methods=["smit"], shots=["5", "all"], folds=[0], gpus=2,
                             output=tmp_path / "out")
-    assert outcome.ok and seen == {"slots": ["0", "1"], "log_dir": tmp_path / "out" / "logs"}
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert outcome.ok and seen == {"slots": ["0", "1"], "log_dir": tmp_path / "out" / "logs", "env": {}}
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))
     assert {r["id"]: r["status"] for r in summary}["finetune/Dataset515_CHAOS/SwinUNETR_SMIT_Trainer/fold_0"] == "done"
 
 
@@ -319,3 +319,19 @@ def test_gpu_slots_errors(monkeypatch, visible, count, message):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     with pytest.raises(NnsslError, match=message):
         gpu_slots(count)
+
+
+def test_cpu_jobs_share_the_cores(monkeypatch, tmp_path):
+    monkeypatch.setattr(driver.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    assert cpu_slots(None) == ([None], {}) and cpu_slots(1) == ([None], {})
+    assert cpu_slots(2) == ([None, None], {"OMP_NUM_THREADS": "2"})
+    with pytest.raises(NnsslError, match="--jobs must be >= 1"):
+        cpu_slots(0)
+    with pytest.raises(NnsslError, match="--jobs is for --device cpu"):
+        run_benchmark(jobs=2, device="cuda", dry_run=True)
+    # the common environment reaches every command; a job's own variables win
+    marker = tmp_path / "env.txt"
+    jobs = [Job("t", "finetune", ("sh", "-c", f'echo "$OMP_NUM_THREADS $nnssl_run" > {marker}'),
+                env=(("nnssl_run", "mine"),), gpu=True)]
+    run_jobs(jobs, tmp_path / "logs", env={"OMP_NUM_THREADS": "2", "nnssl_run": "common"}, poll_seconds=0.01)
+    assert marker.read_text(encoding="utf-8").split() == ["2", "mine"]

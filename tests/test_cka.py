@@ -171,11 +171,16 @@ def test_patch_positions_are_seeded_inside_the_case_and_centred_when_it_is_small
     patches = plan_patches(shapes, (32, 64, 64), per_case=3, seed=7)
     assert patches == plan_patches(shapes, (32, 64, 64), per_case=3, seed=7)
     assert patches != plan_patches(shapes, (32, 64, 64), per_case=3, seed=8)
-    assert [p.case for p in patches] == ["a"] * 3 + ["b"] * 3
+    # case b is 20 voxels deep for a 32-voxel patch: 6 voxels of padding on each side, other axes fit exactly,
+    # so it has one position and gives one patch, not three copies of it
+    assert [p.case for p in patches] == ["a"] * 3 + ["b"]
+    assert len(set(patches)) == 4
     for p in patches[:3]:
         assert 0 <= p.start[0] <= 8 and 0 <= p.start[1] <= 6 and 0 <= p.start[2] <= 26
-    # case b is 20 voxels deep for a 32-voxel patch: 6 voxels of padding on each side, other axes fit exactly
-    assert all(p.start == (-6, 0, 0) for p in patches[3:])
+    assert patches[3].start == (-6, 0, 0)
+    # every position of a case that has few: all of them, each once
+    few = plan_patches({"c": (1, 33, 65, 64)}, (32, 64, 64), per_case=10, seed=0)
+    assert sorted(p.start for p in few) == [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0)]
 
 
 def test_cut_patch_copies_the_block_and_zero_pads_outside():

@@ -49,7 +49,7 @@ def _read(path: Path) -> np.ndarray:
 
 
 def _dataset_json(folder: Path) -> dict:
-    return json.loads((folder / "dataset.json").read_text())
+    return json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
 
 
 def _nnunet_accepts(folder: Path) -> None:
@@ -336,7 +336,7 @@ def test_interrupted_conversion_resumes_and_complete_one_is_kept(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         convert("BTCV", download, out_root=out)
     assert not (out / "Dataset511_BTCV").exists()  # never a half-finished dataset under its real name
-    assert (out / ".Dataset511_BTCV.partial" / DONE_FILE).read_text().split() == ["BTCV_0001"]
+    assert (out / ".Dataset511_BTCV.partial" / DONE_FILE).read_text(encoding="utf-8").split() == ["BTCV_0001"]
 
     resumed = []
     monkeypatch.setattr(raw_dataset, "_write_case", lambda task, case, *a: (resumed.append(case.case_id),

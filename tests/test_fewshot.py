@@ -24,7 +24,7 @@ def toy(tmp_path, monkeypatch):
 
 
 def read(folder, name=SPLITS_FILENAME):
-    return json.loads((folder / name).read_text())
+    return json.loads((folder / name).read_text(encoding="utf-8"))
 
 
 def test_fewshot_folds_are_nested_and_validate_like_their_base_fold(toy):
@@ -140,5 +140,5 @@ def test_console_script_makes_nnunets_split_and_the_trainer_uses_the_fold(ct_tas
         train, val = trainer.do_split()
         assert (sorted(train), sorted(val)) == (sorted(splits[fold]["train"]), sorted(splits[fold]["val"]))
     assert read(theirs / ct_task.dataset) == splits[:5]  # written by nnU-Net's do_split: the same folds 0-4
-    log = next((tmp_path / "results").rglob("fold_7/training_log_*.txt")).read_text()
+    log = next((tmp_path / "results").rglob("fold_7/training_log_*.txt")).read_text(encoding="utf-8")
     assert "fold 7 is the 5-shot fold drawn from fold 0 (seed 0" in log

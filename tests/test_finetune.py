@@ -28,7 +28,8 @@ from nnssl_trainers.swinunetr import METHOD_TRAINERS, encoder_fingerprint
 TINY = get_preset("tiny")
 E2E_RUN = "finetune_e2e"
 TRAINER = "SwinUNETR_SimMIM_Trainer"
-FINETUNE_ENV = {"nnssl_run": E2E_RUN, "nnssl_num_epochs": "2", "nnssl_iterations_per_epoch": "1", "nnssl_save_every": "1"}
+FINETUNE_ENV = {"nnssl_run": E2E_RUN, "nnssl_num_epochs": "2", "nnssl_iterations_per_epoch": "1", "nnssl_save_every": "1",
+                "nnssl_lr": "2e-4"}
 
 
 def make_encoder(path: Path, method: str = "smit", seed: int = 0, preset=TINY, in_channels: int = 1) -> Path:
@@ -169,17 +170,17 @@ def finetuned(simmim_encoder, ct_task, nnunet_env, tmp_path_factory) -> dict:
             time.sleep(0.05)
         process.send_signal(signal.SIGKILL)
         process.wait()
-    assert process.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    assert process.returncode == -signal.SIGKILL, log.read_text(encoding="utf-8")[-3000:]
     killed_at = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)["current_epoch"]
     no_encoders = str(tmp_path_factory.mktemp("no_encoders"))  # --c must not need the pretrained encoder
     resumed = run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu", "--c",
                       env={**FINETUNE_ENV, "nnssl_results": no_encoders})
-    return {"model": model, "fold": fold, "first_log": log.read_text(), "killed_at": killed_at,
+    return {"model": model, "fold": fold, "first_log": log.read_text(encoding="utf-8"), "killed_at": killed_at,
             "resumed": resumed.stdout, "no_encoders": no_encoders}
 
 
 def test_weights_at_iteration_0_are_the_pretrained_encoder(finetuned, simmim_encoder):
-    settings = json.loads((finetuned["model"] / "plans.json").read_text())["configurations"]["3d_fullres"]["nnssl"]
+    settings = json.loads((finetuned["model"] / "plans.json").read_text(encoding="utf-8"))["configurations"]["3d_fullres"]["nnssl"]
     record = settings["pretrained"]
     file_state = load_encoder_file(simmim_encoder).state_dict
     assert record["path"] == str(simmim_encoder.resolve()) and record["method"] == "simmim"
@@ -187,12 +188,14 @@ def test_weights_at_iteration_0_are_the_pretrained_encoder(finetuned, simmim_enc
     assert record["encoder_sha256"] == encoder_fingerprint(file_state)
     assert f"loaded {len(file_state)} pretrained swinViT tensors from {simmim_encoder}" in finetuned["first_log"]
     assert settings["backbone"]["name"] == "tiny" and settings["backbone_from"] == f"encoder checkpoint {simmim_encoder}"
+    assert settings["initial_lr"] == 2e-4  # nnssl_lr
 
 
 def test_continue_after_sigkill(finetuned):
     final = torch.load(finetuned["fold"] / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert finetuned["killed_at"] == 1 and final["current_epoch"] == 2
     assert len(final["logging"]["train_losses"]) == 2  # epoch 0 from the killed run, epoch 1 from --c
+    assert max(final["logging"]["lrs"]) == pytest.approx(2e-4)  # nnssl_lr, after one warmup epoch
     assert "no pretrained encoder is loaded" in finetuned["resumed"]
     assert "Epoch 1" in finetuned["resumed"] and "Epoch 0" not in finetuned["resumed"]
     assert not list(finetuned["fold"].glob(".checkpoint_final.pth.*.tmp"))

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from conftest import run_cli
@@ -11,10 +12,10 @@ from nnssl.data.synthetic import LABELS
 def test_scratch_training_validates_with_dice(trained_scratch):
     fold = trained_scratch / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file()
-    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    summary = json.loads((fold / "validation" / "summary.json").read_text(encoding="utf-8"))
     assert "Dice" in summary["foreground_mean"]
     assert 0.0 <= summary["foreground_mean"]["Dice"] <= 1.0
-    settings = json.loads((trained_scratch / "plans.json").read_text())["configurations"]["3d_fullres"]
+    settings = json.loads((trained_scratch / "plans.json").read_text(encoding="utf-8"))["configurations"]["3d_fullres"]
     assert settings["nnssl"]["backbone"]["name"] == "tiny"
     assert settings["nnssl"]["num_epochs"] == 2 and settings["nnssl"]["iterations_per_epoch"] == 3
     assert all(side % 32 == 0 for side in settings["patch_size"])
@@ -34,9 +35,11 @@ def test_predict_rebuilds_the_network_without_the_knobs(trained_scratch, ct_task
         assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= set(LABELS.values())
 
 
-def test_unknown_backbone_is_a_clear_error(ct_task):
+# a refused training still makes its fold folder: these use their own nnUNet_results, not the shared model's
+
+def test_unknown_backbone_is_a_clear_error(ct_task, tmp_path):
     result = run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "1", "-tr", "SwinUNETR_Scratch_Trainer",
-                     "-device", "cpu", env={"nnssl_backbone": "hugee"}, check=False)
+                     "-device", "cpu", env={"nnssl_backbone": "hugee", "nnUNet_results": str(tmp_path)}, check=False)
     assert result.returncode == 2
     assert "Unknown backbone preset 'hugee'" in result.stderr and "Known presets" in result.stderr
     assert "Traceback" not in result.stderr
@@ -49,7 +52,11 @@ def test_missing_results_variable_is_a_clear_error(ct_task):
     assert "nnUNet_results is not set" in result.stderr and "export nnUNet_results=" in result.stderr
 
 
-def test_bad_knob_value_is_a_clear_error(ct_task):
+@pytest.mark.parametrize("knob, value, message", [
+    ("nnssl_num_epochs", "many", "nnssl_num_epochs='many' must be a positive whole number"),
+    ("nnssl_lr", "-1e-3", "nnssl_lr='-1e-3' must be a positive number, e.g. nnssl_lr=3e-4"),
+])
+def test_bad_knob_value_is_a_clear_error(knob, value, message, ct_task, tmp_path):
     result = run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "1", "-tr", "SwinUNETR_Scratch_Trainer",
-                     "-device", "cpu", env={"nnssl_num_epochs": "many"}, check=False)
-    assert result.returncode == 2 and "nnssl_num_epochs='many' must be a positive whole number" in result.stderr
+                     "-device", "cpu", env={knob: value, "nnUNet_results": str(tmp_path)}, check=False)
+    assert result.returncode == 2 and message in result.stderr

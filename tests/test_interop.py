@@ -177,8 +177,8 @@ def test_export_loads_into_plain_monai_swinunetr(encoder, expected, tmp_path):
     network = SwinUNETR(out_channels=3, **checkpoint["swinunetr_kwargs"]).eval()
     result = network.load_state_dict(checkpoint["state_dict"], strict=False)
     assert result.unexpected_keys == [] and not [k for k in result.missing_keys if k.startswith(ENCODER_PREFIX)]
-    for ours, theirs in zip(expected, outputs(network.swinViT)):
-        torch.testing.assert_close(theirs, ours, rtol=0, atol=0)
+    for ours, theirs in zip(expected, outputs(network.swinViT)):  # MONAI's code vs our fast path: fp32 rounding
+        torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
     # and back: the method travels with the exported file
     report = import_encoder(tmp_path / "swin_dino.pt", tmp_path / "back.pth")
     assert report.method == "dino" and report.unexpected == [] and report.initialized == []

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nnssl.data.views import block_mask
+from nnssl.data.views import ViewMaker, block_mask
 from nnssl.errors import NnsslError
 from nnssl.losses.distillation import (collapse_stats, dino_loss, masked_token_distillation_loss, token_mask,
                                        updated_center)
@@ -148,7 +148,10 @@ def test_token_mask_pools_patch_blocks_to_stage_tokens():
 def test_view_specs_follow_the_papers():
     encoder = build_encoder(get_preset("tiny"))  # Swin patch 2, as the paper backbone
     dino = build_method("dino", encoder, **SMALL_HEADS).view_spec()
-    assert (dino.global_views, dino.local_views, dino.local_size, dino.mask) == (2, 8, (64, 64, 64), None)
+    assert (dino.global_views, dino.local_views, dino.local_size, dino.mask) == (2, 8, None, None)
+    # None: half the patch on the 32-voxel grid, 64^3 at the paper's 128^3
+    assert ViewMaker(dino, (128, 128, 128), 2).local_size == (64, 64, 64)
+    assert ViewMaker(dino, (64, 96, 160), 2).local_size == (32, 32, 64)
     ibot = build_method("ibot", encoder, **SMALL_HEADS).view_spec()
     assert (ibot.global_views, ibot.local_views, ibot.mask.ratio, ibot.mask.block_size) == (2, 0, (0.1, 0.5), 16)
     smit = build_method("smit", encoder, **SMALL_HEADS).view_spec()

@@ -66,7 +66,7 @@ def second_corpus(pretrain_corpus, tmp_path_factory):
 
 def test_prepare_corpus_reports_and_skips_bad_volumes(second_corpus, nnunet_env):
     raw, result = second_corpus
-    report = json.loads((nnunet_env.raw / "Dataset502_Mixed" / "corpus_report.json").read_text())
+    report = json.loads((nnunet_env.raw / "Dataset502_Mixed" / "corpus_report.json").read_text(encoding="utf-8"))
     accepted = {item["source"] for item in report["accepted"]}
     skipped = {item["source"]: item["reason"] for item in report["skipped"]}
     assert {"scan_a.mha", "scan_b.nrrd", "nifti/ct_0000.nii.gz", "nifti/ct_0001.nii.gz"} <= accepted
@@ -75,7 +75,7 @@ def test_prepare_corpus_reports_and_skips_bad_volumes(second_corpus, nnunet_env)
     assert "truncated" in skipped["truncated.nii.gz"] and "absurd spacing" in skipped["absurd_spacing.nii.gz"]
     assert "NaN" in skipped["with_nan.mha"]
     assert "5 volumes accepted, 5 skipped" in result.stdout
-    plans = json.loads((nnunet_env.preprocessed / "Dataset502_Mixed" / "nnUNetPlans.json").read_text())
+    plans = json.loads((nnunet_env.preprocessed / "Dataset502_Mixed" / "nnUNetPlans.json").read_text(encoding="utf-8"))
     assert plans["configurations"]["3d_fullres"]["spacing"] == [2.0, 2.0, 2.0]
     assert plans["configurations"]["3d_fullres"]["normalization_schemes"] == ["CTNormalization"]
 
@@ -86,7 +86,7 @@ def test_short_pooled_run_writes_every_output(second_corpus):
     for name in ("config.json", "log.csv", "progress.png", "checkpoint_final.pth", "encoder_final.pth"):
         assert (run / name).is_file(), name
     assert not (run / "checkpoint_latest.pth").exists()  # superseded by the final checkpoint
-    config = json.loads((run / "config.json").read_text())
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
     assert config["datasets"] == [str(CORPUS_ID), str(SECOND_CORPUS_ID)] and config["backbone"] == "tiny"
     rows = _log_rows(run)
     assert [int(r["step"]) for r in rows] == list(range(1, 9))

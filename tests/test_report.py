@@ -232,7 +232,7 @@ def test_missing_and_unfinished_runs_are_listed(report):
     assert "--val" in problems[("Dataset802_CTb", "scratch", "1")]["detail"]
     assert problems[("Dataset801_CTa", "scratch", "5")]["status"] == "missing"
     assert problems[("Dataset801_CTa", "scratch", "5")]["shot"] == "1-shot"
-    markdown = (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text(encoding="utf-8")
     assert "| simmim | mim | 0.650 ± 0.129 (1) | 0.500 ± 0.000 (1.5) | 0.300 ± 0.000 (3) | 1.83 |" in markdown
     assert "unfinished" in markdown and "not validated" in markdown and "missing" in markdown
     for name in ("dice", "folds", "ranks", "gap", "convergence", "modality", "families", "problems"):

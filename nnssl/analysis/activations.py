@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -314,14 +315,19 @@ class CaseReader:
 
 def plan_patches(shapes: dict[str, Sequence[int]], patch_size: Sequence[int], per_case: int,
                  seed: int) -> list[Patch]:
-    """``per_case`` patch positions per case, uniform over the positions that stay inside the case (seeded,
-    case order as given). ``shapes``: case -> ``(C, X, Y, Z)``."""
+    """Up to ``per_case`` distinct patch positions per case, uniform over the positions that stay inside the
+    case (seeded, case order as given); a side shorter than the patch is centred (zero padding). A case with
+    fewer distinct positions gives each once: a repeated patch adds no information to CKA, only weight.
+    ``shapes``: case -> ``(C, X, Y, Z)``."""
     rng = np.random.default_rng(seed)
     patches = []
     for case, shape in shapes.items():
-        for _ in range(per_case):
-            start = tuple(int(rng.integers(0, side - size + 1)) if side >= size else -((size - side) // 2)
-                          for side, size in zip(shape[1:], patch_size))
+        ranges = [max(side - size + 1, 1) for side, size in zip(shape[1:], patch_size)]
+        chosen = rng.choice(math.prod(ranges), size=min(per_case, math.prod(ranges)), replace=False)
+        for index in chosen:
+            offsets = np.unravel_index(int(index), ranges)
+            start = tuple(int(o) if side >= size else -((size - side) // 2)
+                          for o, side, size in zip(offsets, shape[1:], patch_size))
             patches.append(Patch(case, start))  # type: ignore[arg-type]
     return patches
 

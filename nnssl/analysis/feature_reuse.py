@@ -9,6 +9,7 @@ patches. Writes ``cka.json``, ``cka.csv``, ``cka_heatmap.png`` and ``cka_diagona
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from pathlib import Path
@@ -31,13 +32,14 @@ log = logging.getLogger(__name__)
 
 FORWARD_BATCH = 2  # patches per forward pass; activations of a 128^3 paper-preset SwinUNETR fill GPU memory fast
 DEFAULT_PATCHES_PER_CASE = 8
+FEW_PATCHES = 40  # below this, debiased CKA is noisy and may leave [0, 1]
 
 
 def run_cka(models: Sequence[str], output: str | Path, checkpoint: str = "final", cases: int | None = None,
             case_ids: Sequence[str] | None = None, layers: str = "all", vs_pretrained: bool = False,
             patches_per_case: int = DEFAULT_PATCHES_PER_CASE, batch_size: int = DEFAULT_BATCH_SIZE,
             pool: int = DEFAULT_POOL, kernel: str = "linear", rbf_sigma: float = 0.8, seed: int = 0,
-            device: str | None = None) -> dict[str, Any]:
+            device: str | None = None, patch_size: Sequence[int] | None = None) -> dict[str, Any]:
     """Compare ``models`` (``FOLDER[:fold]`` specs) layer by layer; returns what ``cka.json`` holds.
 
     Every pair of models is compared; with ``vs_pretrained`` also each fine-tuned model with the encoder
@@ -45,16 +47,24 @@ def run_cka(models: Sequence[str], output: str | Path, checkpoint: str = "final"
     ``cases`` takes the first N validation cases (sorted ids) of the first trained model's fold;
     ``case_ids`` names cases instead. ``batch_size``: patches per HSIC minibatch (the patches are split
     into ``max(1, N // batch_size)`` near-equal minibatches). ``pool``: see
-    :func:`nnssl.analysis.activations.pool_features`.
+    :func:`nnssl.analysis.activations.pool_features`. ``patch_size``: instead of the plans' patch size
+    (multiples of 32; smaller patches give more distinct positions in small cases).
     """
     _check_arguments(cases, case_ids, layers, patches_per_case, batch_size, pool, kernel, rbf_sigma)
     loaded = [load_model(spec, checkpoint) for spec in models]
     inputs = _shared_inputs(loaded)
+    if patch_size is not None:
+        inputs = dataclasses.replace(inputs, patch_size=tuple(int(s) for s in patch_size))
     pairs, encoder_pairs = _pairs(loaded, vs_pretrained)
     for model in loaded:
         if model.network is None:
             build_encoder_model(model, inputs.num_channels)
-        model.network.swinViT.check_input_shape(inputs.patch_size)
+        encoder = model.network.swinViT
+        encoder.check_input_shape(inputs.patch_size)
+        if model.kind == "trained" and max(inputs.patch_size) < 2 * encoder.preset.stride:
+            raise NnsslError(f"Patch size {inputs.patch_size} leaves SwinUNETR's bottleneck one voxel, which its "
+                             f"instance norm cannot normalise: give one side at least {2 * encoder.preset.stride} "
+                             f"(--patch-size).")
     _name_uniquely(loaded)
     selected = [[name for name in LAYER_GROUPS[layers] if name in model.layers] for model in loaded]
     for model, names in zip(loaded, selected):
@@ -67,8 +77,16 @@ def run_cka(models: Sequence[str], output: str | Path, checkpoint: str = "final"
     reader.check_cases(chosen)
     patches = plan_patches({case: reader.shape(case) for case in chosen}, inputs.patch_size, patches_per_case, seed)
     if len(patches) < MIN_BATCH:
-        raise NnsslError(f"{len(chosen)} case(s) x {patches_per_case} patch(es) = {len(patches)} patches; CKA's "
-                         f"unbiased HSIC needs at least {MIN_BATCH}. Raise --patches-per-case or --cases.")
+        raise NnsslError(f"{len(chosen)} case(s) give {len(patches)} distinct patch(es) of {inputs.patch_size}; CKA's "
+                         f"unbiased HSIC needs at least {MIN_BATCH}. Raise --patches-per-case or --cases, or take "
+                         f"smaller patches than the cases (--patch-size, multiples of 32).")
+    if len(patches) < len(chosen) * patches_per_case:
+        log.warning("%d distinct patch position(s) of %s in %d case(s), not %d: the cases are barely larger than "
+                    "the patch (a smaller --patch-size gives more).", len(patches), inputs.patch_size, len(chosen),
+                    len(chosen) * patches_per_case)
+    if len(patches) < FEW_PATCHES:
+        log.warning("CKA over %d patches only: the debiased estimate is noisy and may leave [0, 1]; use at least %d "
+                    "(--patches-per-case, --cases).", len(patches), FEW_PATCHES)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     matrix = _stream(loaded, selected, reader, patches, inputs.patch_size, batch_size, pool, kernel, rbf_sigma,
                      torch.device(device))

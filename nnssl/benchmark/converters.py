@@ -89,7 +89,7 @@ def _read_source_json(root: Path, task: TaskSpec) -> dict:
     if not path.is_file():
         raise NnsslError(f"The {task.key} download is incomplete: {path} is missing.")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise NnsslError(f"{path} is not valid JSON ({err}); download {task.key} again.") from None
 

@@ -33,10 +33,12 @@ class BenchmarkOutcome:
 def run_benchmark(tasks: list[str] | None = None, methods: list[str] | None = None, shots: list[str] | None = None,
                   folds: list[int] | None = None, gpus: int | None = None, dry_run: bool = False,
                   plan: str | Path | None = None, output: str | Path | None = None, device: str = "cuda",
-                  corpus_dir: str | Path | None = None) -> BenchmarkOutcome:
+                  corpus_dir: str | Path | None = None, jobs: int | None = None) -> BenchmarkOutcome:
     """Plan (and unless ``dry_run``, run) the selected part of the study; see ``nnssl_benchmark --help``."""
     if device not in ("cuda", "cpu"):
         raise NnsslError(f"--device must be cuda or cpu; got {device!r}.")
+    if jobs is not None and device != "cpu":
+        raise NnsslError("--jobs is for --device cpu; on GPUs, --gpus N runs one job per GPU.")
     study = load_study(plan)
     selection = select(study, tasks, methods, shots, folds)
     state = _disk_state(study, must_exist=not dry_run)
@@ -47,10 +49,10 @@ def run_benchmark(tasks: list[str] | None = None, methods: list[str] | None = No
         return BenchmarkOutcome(study_plan, format_plan(study_plan, out / "logs"))
     if study_plan.missing:
         raise NnsslError("Some inputs of the study are missing:\n  " + "\n  ".join(study_plan.missing))
-    slots = [None] if device == "cpu" else gpu_slots(gpus)
+    slots, env = cpu_slots(jobs) if device == "cpu" else (gpu_slots(gpus), {})
     log.info("%d jobs, %d to run, on %s", len(study_plan.jobs), sum(j.state != DONE for j in study_plan.jobs),
-             f"GPUs {slots}" if device != "cpu" else "the CPU")
-    results = run_jobs(study_plan.jobs, out / "logs", gpu_slots=slots,
+             f"GPUs {slots}" if device != "cpu" else f"the CPU ({len(slots)} training job(s) at a time)")
+    results = run_jobs(study_plan.jobs, out / "logs", gpu_slots=slots, env=env,
                        check=lambda job: check_fewshot(job, state.preprocessed_dir))
     save_json([{"id": r.job.id, "status": r.status, "returncode": r.returncode, "seconds": round(r.seconds, 1),
                 "message": r.message, "log": r.log, "command": r.job.shell()} for r in results],
@@ -67,6 +69,17 @@ def _disk_state(study: Study, must_exist: bool) -> DiskState:
         else:
             roots.append(Path(f"${name}"))
     return DiskState(*roots, study=study)
+
+
+def cpu_slots(jobs: int | None) -> tuple[list[None], dict[str, str]]:
+    """``jobs`` training jobs at a time on the CPU, and the environment that gives each its share of the cores
+    (``OMP_NUM_THREADS``; tiny networks run faster side by side than one after another on all cores)."""
+    jobs = 1 if jobs is None else jobs
+    if jobs < 1:
+        raise NnsslError(f"--jobs must be >= 1; got {jobs}.")
+    if jobs == 1:
+        return [None], {}
+    return [None] * jobs, {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // jobs))}
 
 
 def gpu_slots(count: int | None) -> list[str]:

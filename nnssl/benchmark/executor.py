@@ -54,11 +54,12 @@ def log_path(log_dir: Path, job: Job) -> Path:
 
 
 def run_jobs(jobs: Sequence[Job], log_dir: Path, gpu_slots: Sequence[str | None] = (None,), cpu_slots: int = 1,
-             check: Callable[[Job], str | None] | None = None, poll_seconds: float = 0.1) -> list[JobResult]:
+             check: Callable[[Job], str | None] | None = None, poll_seconds: float = 0.1,
+             env: dict[str, str] | None = None) -> list[JobResult]:
     """Run ``jobs`` (``done`` ones are not run) and return one result per job, in the order given.
 
     ``gpu_slots``: one entry per GPU job that may run at once, the value of ``CUDA_VISIBLE_DEVICES`` for it
-    (None: leave the variable as it is). ``check(job)``, called after a job exited 0, may return a message
+    (None: leave the variable as it is). ``env``: variables set for every command (a job's own win). ``check(job)``, called after a job exited 0, may return a message
     that turns the job into a failure (e.g. its output disagrees with what later jobs were planned on).
     """
     if not gpu_slots or cpu_slots < 1:
@@ -83,7 +84,7 @@ def run_jobs(jobs: Sequence[Job], log_dir: Path, gpu_slots: Sequence[str | None]
                 if not _ready(job, results) or (job.gpu and not free_gpus) or (not job.gpu and free_cpus < 1):
                     continue
                 waiting.remove(job)
-                started = _start(job, free_gpus.pop(0) if job.gpu else None, log_dir)
+                started = _start(job, free_gpus.pop(0) if job.gpu else None, log_dir, env or {})
                 free_cpus -= not job.gpu
                 running.append(started)
             time.sleep(poll_seconds if running else 0)
@@ -128,9 +129,8 @@ def _ready(job: Job, results: dict[str, JobResult]) -> bool:
     return all(d in results for d in job.deps) and all(a in results for a in job.after)
 
 
-def _start(job: Job, slot: str | None, log_dir: Path) -> _Running:
-    env = dict(os.environ)
-    env.update(job.env)
+def _start(job: Job, slot: str | None, log_dir: Path, common_env: dict[str, str]) -> _Running:
+    env = {**os.environ, **common_env, **dict(job.env)}
     # the console scripts of this installation (nnUNetv2_train, nnssl_*) even when its venv is not activated
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if job.gpu and slot is not None:

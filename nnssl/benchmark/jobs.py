@@ -198,9 +198,17 @@ def _device_flag(settings: Settings) -> tuple[str, ...]:
     return ("-device", "cpu") if settings.device == "cpu" else ()
 
 
+def _processes(study: Study, *flags: str) -> tuple[str, ...]:
+    """``-np N`` (and nnU-Net's ``-npfp N``) when the plan sets ``num_processes``; each worker is a fresh
+    Python process that imports torch, which costs more than it saves on tiny datasets (the demo)."""
+    if study.num_processes is None:
+        return ()
+    return tuple(arg for flag in flags for arg in (flag, str(study.num_processes)))
+
+
 def _plan_job(study: Study, dataset_id: int, dataset: str, state: ResultsState, deps: tuple[str, ...] = ()) -> Job:
     command = ("nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", study.configuration,
-               "--verify_dataset_integrity")
+               "--verify_dataset_integrity", *_processes(study, "-npfp", "-np"))
     return Job(f"plan/{dataset}", "plan", command, DONE if state.preprocessed(dataset) else NEW, deps=deps)
 
 
@@ -220,7 +228,7 @@ def _corpus_job(study: Study, settings: Settings, state: ResultsState, plan: Stu
         return None
     if settings.corpus_dir is not None:
         command = ("nnssl_prepare_corpus", "-i", str(settings.corpus_dir), "-d", str(study.corpus_id),
-                   "-n", study.corpus_name)
+                   "-n", study.corpus_name, *_processes(study, "-np"))
         job = Job(f"prepare/{study.corpus_dataset}", "prepare", command, NEW)
     elif state.raw_ready(study.corpus_dataset):
         job = _plan_job(study, study.corpus_id, study.corpus_dataset, state)
@@ -266,7 +274,8 @@ def _cka_job(study: Study, task: TaskSpec, trainer: str, shots: int, base: int, 
              pair: tuple[Job, Job], settings: Settings, state: ResultsState) -> Job:
     model = state.model_folder(task.dataset, trainer)
     out = settings.output / "cka" / task.dataset / trainer / f"{shots}shot_fold{base}_seed{seed}"
-    command = ("nnssl_cka", f"{model}:{fold}", f"{model}:{base}", *_device_flag(settings), "-o", str(out))
+    command = ("nnssl_cka", f"{model}:{fold}", f"{model}:{base}", *_device_flag(settings), *study.cka_args,
+               "-o", str(out))
     done = state.file_exists(out / "cka.json")
     return Job(f"cka/{task.dataset}/{trainer}/{shots}shot_fold{base}_seed{seed}", "cka", command,
                DONE if done else NEW, deps=_ids(*pair), gpu=True)
@@ -295,8 +304,8 @@ class DiskState:
         if not plans.is_file() or not meta.is_file():
             return False
         try:
-            expected = json.loads(meta.read_text())["numTraining"]
-            data = json.loads(plans.read_text())["configurations"][self.study.configuration]["data_identifier"]
+            expected = json.loads(meta.read_text(encoding="utf-8"))["numTraining"]
+            data = json.loads(plans.read_text(encoding="utf-8"))["configurations"][self.study.configuration]["data_identifier"]
         except (ValueError, KeyError):
             return False
         return len(list((folder / data).glob("*.pkl"))) == expected
@@ -307,7 +316,7 @@ class DiskState:
         folder = self.preprocessed_dir / dataset
         splits = folder / SPLITS_FILENAME
         try:
-            num_splits = len(json.loads(splits.read_text())) if splits.is_file() else 0
+            num_splits = len(json.loads(splits.read_text(encoding="utf-8"))) if splits.is_file() else 0
         except ValueError:
             raise NnsslError(f"{splits} is damaged; restore it or delete it with {FEWSHOT_FILENAME}.") from None
         return load_fewshot(folder), num_splits

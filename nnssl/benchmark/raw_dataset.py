@@ -117,7 +117,7 @@ def is_complete(folder: Path) -> bool:
     if not dataset_json.is_file():
         return False
     try:
-        expected = json.loads(dataset_json.read_text())["numTraining"]
+        expected = json.loads(dataset_json.read_text(encoding="utf-8"))["numTraining"]
     except (ValueError, KeyError):
         return False
     return len(list((folder / "labelsTr").glob(f"*{FILE_ENDING}"))) == expected
@@ -151,7 +151,7 @@ def _check_sources(task: TaskSpec, cases: list[Case]) -> None:
 
 def _done_cases(partial: Path) -> set[str]:
     done_file = partial / DONE_FILE
-    return set(done_file.read_text().split()) if done_file.is_file() else set()
+    return set(done_file.read_text(encoding="utf-8").split()) if done_file.is_file() else set()
 
 
 def _write_case(task: TaskSpec, case: Case, folder: Path, allowed: set[int], drop: set[int]) -> None:

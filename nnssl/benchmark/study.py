@@ -62,6 +62,8 @@ class Study:
     source: Path
     pretrain_args: tuple[str, ...] = ()  # extra nnssl_pretrain options (e.g. --epochs 2 for a toy study)
     finetune_env: dict[str, str] = field(default_factory=dict)  # e.g. {"nnssl_num_epochs": "5"}
+    num_processes: int | None = None  # worker processes of corpus preparation and nnU-Net planning (None: theirs)
+    cka_args: tuple[str, ...] = ()  # extra nnssl_cka options (e.g. --patches-per-case 32)
 
     @property
     def corpus_dataset(self) -> str:
@@ -120,6 +122,8 @@ def _parse(data: dict[str, Any], source: Path) -> Study:
         corpus_run=data["corpus"]["run"], cka_base_folds=tuple(int(f) for f in data["cka"]["base_folds"]),
         source=source, pretrain_args=tuple(str(a) for a in data.get("pretrain_args", [])),
         finetune_env={str(k): str(v) for k, v in data.get("finetune_env", {}).items()},
+        num_processes=int(data["num_processes"]) if data.get("num_processes") is not None else None,
+        cka_args=tuple(str(a) for a in data["cka"].get("args", [])),
     )
 
 

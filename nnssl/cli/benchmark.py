@@ -3,8 +3,8 @@ CKA, report) from plans/benchmark.json, resumably, one job per GPU."""
 from __future__ import annotations
 
 import argparse
-import logging
 
+from nnssl.cli import setup_logging
 from nnssl.errors import exit_on_user_error
 
 
@@ -26,20 +26,22 @@ def main(argv: list[str] | None = None) -> int:
                                                                           "folds drawn from them (default: 0-4)")
     parser.add_argument("--gpus", type=int, help="GPUs to use, one job each (default: all visible)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cpu: run every job on the CPU, one at a time (toy studies)")
+                        help="cpu: run every job on the CPU (toy studies)")
+    parser.add_argument("--jobs", type=int, help="with --device cpu: training jobs at a time, each with its share "
+                                                 "of the cores as OMP_NUM_THREADS (default 1)")
     parser.add_argument("--corpus-dir", help="raw CT folder to make the pretraining corpus from if it is missing")
     parser.add_argument("-o", dest="output", help="folder for logs, CKA and report (default: "
                                                   "$nnssl_results/benchmark)")
     parser.add_argument("--plan", help="benchmark plan JSON (default: plans/benchmark.json)")
     parser.add_argument("--dry-run", action="store_true", help="print every job's exact command and state; run nothing")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     with exit_on_user_error("nnssl_benchmark"):
         from nnssl.benchmark.driver import run_benchmark
 
         outcome = run_benchmark(tasks=args.tasks, methods=args.methods, shots=args.shots, folds=args.folds,
                                 gpus=args.gpus, dry_run=args.dry_run, plan=args.plan, output=args.output,
-                                device=args.device, corpus_dir=args.corpus_dir)
+                                device=args.device, corpus_dir=args.corpus_dir, jobs=args.jobs)
         print(outcome.text)
     return 0 if outcome.ok else 1
 

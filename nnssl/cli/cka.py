@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
+from nnssl.cli import setup_logging
 from nnssl.errors import exit_on_user_error
 
 
@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patches-per-case", type=int, default=DEFAULT_PATCHES_PER_CASE,
                         help=f"patches cut from each case at seeded random positions "
                              f"(default {DEFAULT_PATCHES_PER_CASE})")
+    parser.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                        help="patch size, multiples of 32 (default: the first trained model's plans); smaller "
+                             "patches give more distinct positions in small cases")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help=f"patches per HSIC minibatch, at least 4 (default {DEFAULT_BATCH_SIZE})")
     parser.add_argument("--pool", type=int, default=DEFAULT_POOL,
@@ -46,14 +49,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: cuda if available, else cpu")
     parser.add_argument("-o", dest="output", default="nnssl_cka", help="output folder (default ./nnssl_cka)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     with exit_on_user_error("nnssl_cka"):
         from nnssl.analysis.feature_reuse import run_cka
 
         result = run_cka(models=args.models, output=args.output, checkpoint=args.checkpoint, cases=args.cases,
                          case_ids=args.case_ids, layers=args.layers, vs_pretrained=args.vs_pretrained,
                          patches_per_case=args.patches_per_case, batch_size=args.batch_size, pool=args.pool,
-                         kernel=args.kernel, rbf_sigma=args.rbf_sigma, seed=args.seed, device=args.device)
+                         kernel=args.kernel, rbf_sigma=args.rbf_sigma, seed=args.seed, device=args.device,
+                         patch_size=args.patch_size)
     for comparison in result["comparisons"]:
         print(f"{comparison['a']} vs {comparison['b']}  (same-layer CKA)")
         for layer, value in comparison["diagonal"].items():

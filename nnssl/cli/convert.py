@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
+from nnssl.cli import setup_logging
 from nnssl.errors import exit_on_user_error
 
 
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DatasetXXX_Name folder")
     parser.add_argument("--plan", help="benchmark plan JSON (default: plans/benchmark.json)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     with exit_on_user_error("nnssl_convert"):
         from nnssl.benchmark.converters import convert
 

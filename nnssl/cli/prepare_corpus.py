@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from nnssl.data.corpus import prepare_corpus
+from nnssl.cli import setup_logging
 from nnssl.errors import exit_on_user_error
 
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-preprocess", dest="preprocess", action="store_false",
                         help="only convert; run nnUNetv2_plan_and_preprocess yourself later")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     if args.spacing == ["nnunet"]:
         spacing = None
     elif len(args.spacing) == 3:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from nnssl.cli import setup_logging
 from nnssl.errors import exit_on_user_error
 
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="any setting of plans/pretrain/<method>.json, e.g. grad_clip=1.0 method.mask_ratio=0.6")
     parser.add_argument("--list-methods", action="store_true", help="list the registered SSL methods and exit")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     with exit_on_user_error("nnssl_pretrain"):
         if args.list_methods:
             print(_list_methods())

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
+from nnssl.cli import setup_logging
 from nnssl.errors import exit_on_user_error
 
 
@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="nnU-Net dataset ids or names (default: every dataset in $nnUNet_results)")
     parser.add_argument("-o", dest="output", default="nnssl_report", help="output folder (default ./nnssl_report)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     with exit_on_user_error("nnssl_report"):
         from nnssl.analysis.report import make_report
 

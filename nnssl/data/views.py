@@ -101,6 +101,13 @@ def block_mask(grid: Sequence[int], block: int, ratio: float, rng: np.random.Gen
     return mask
 
 
+def default_local_size(patch_size: Sequence[int], token_patch: int) -> tuple[int, int, int]:
+    """Local crops of half the patch side (DINO's 96 of 224 is 0.43) on the Swin's input grid: multiples of
+    ``token_patch ** 5`` (MONAI's divisor, 32 for patch 2), at least one multiple."""
+    divisor = token_patch**5
+    return tuple(max(divisor, s // 2 // divisor * divisor) for s in patch_size)
+
+
 class ViewMaker:
     """Makes one sample's views from its region, per a :class:`ViewSpec` (see ``nnssl.methods.base``)."""
 
@@ -108,6 +115,7 @@ class ViewMaker:
         self.spec = spec
         self.patch_size = tuple(int(s) for s in patch_size)
         self.token_patch = token_patch
+        self.local_size = spec.local_size or default_local_size(self.patch_size, token_patch)
         if spec.rotate == "axial" and self.patch_size[1] != self.patch_size[2]:
             raise NnsslError(f"Axial rotation prediction needs equal in-plane patch sides, got {self.patch_size}; "
                              f"use --patch-size with equal Y and Z.")
@@ -153,7 +161,7 @@ class ViewMaker:
                 out[f"mask{i}"] = torch.from_numpy(self._mask(spec.mask, rng))
             out[f"view{i}"] = view.contiguous()
         for i in range(1, spec.local_views + 1):
-            local = self._crop(region, spec.local_size, spec.local_scale, pad)
+            local = self._crop(region, self.local_size, spec.local_scale, pad)
             out[f"local{i}"] = self.augment(image=local)["image"].contiguous()
         return out
 

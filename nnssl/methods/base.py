@@ -8,7 +8,7 @@ checkpoints live in ``nnssl/pretrain`` and are written once.
 Batch contract (what the loader yields for a :class:`ViewSpec`; tensors on the training device):
 
 - ``view1 .. viewG``: ``(B, C, X, Y, Z)`` global views of the run's patch size (G = ``global_views``)
-- ``local1 .. localL``: ``(B, C, x, y, z)`` local crops (L = ``local_views``, side ``local_size``)
+- ``local1 .. localL``: ``(B, C, x, y, z)`` local crops (L = ``local_views``, size ``local_size``)
 - ``mask1 .. maskG``: ``(B, X/p, Y/p, Z/p)`` bool block masks on the patch-embedding grid (p = Swin patch
   size), if ``mask`` is set; True = masked
 - ``rot1 .. rotG``: ``(B,)`` int64 quarter turns k in 0..3 applied to the view, if ``rotate`` is set;
@@ -44,7 +44,7 @@ class ViewSpec:
     times the patch side (so views overlap; SMIT's "two views from one larger region"). A global view
     covers a cube of side ``region * s`` with ``s`` drawn from ``global_scale``, resized to the patch size
     (a 3D random resized crop); a local view covers ``region * s``, ``s`` from ``local_scale``, resized to
-    ``local_size``. With the defaults a global view is a plain patch-sized crop. ``augment``: ``"light"``
+    ``local_size`` (None: half the patch, :func:`nnssl.data.views.default_local_size`). With the defaults a global view is a plain patch-sized crop. ``augment``: ``"light"``
     (flips, mild intensity) or ``"strong"`` (contrastive: flips, intensity scale/shift, contrast, gamma,
     noise, blur), drawn independently per view.
     """

@@ -145,7 +145,8 @@ class DINO(SelfDistillationMethod):
     65536, as the same lab's 3D iBOT/SMIT heads (a CT corpus has far fewer image-level modes than ImageNet's
     1.28 M images, and the last layer would otherwise outweigh the encoder). Crop extents are DINO's
     area fractions (0.4, 1) and (0.05, 0.4) as side fractions of the region (their square roots);
-    ``local_size`` 64 is half the 128^3 paper crop (DINO: 96 / 224) and must be a multiple of 32.
+    ``local_size`` defaults to half the patch side (64 at the 128^3 paper crop; DINO: 96 / 224), on the
+    Swin's input grid (:func:`nnssl.data.views.default_local_size`); a number sets it (a multiple of 32).
     Temperatures, centering, EMA and the frozen first-epoch last layer are the paper's; weight decay
     0.04 -> 0.4 and gradient clipping 3.0 are loop settings in the plan.
     """
@@ -153,7 +154,7 @@ class DINO(SelfDistillationMethod):
     description = "DINO: EMA-teacher self-distillation with centering/sharpening over 2 global + local 3D crops"
 
     def __init__(self, encoder: SwinEncoder, out_dim: int = 8192, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, local_views: int = 8, local_size: int = 64,
+                 bottleneck_dim: int = 256, local_views: int = 8, local_size: int | None = None,
                  global_scale: Sequence[float] = (0.63, 1.0), local_scale: Sequence[float] = (0.22, 0.63),
                  momentum: float = 0.996, student_temperature: float = 0.1,
                  warmup_teacher_temperature: float = 0.04, teacher_temperature: float = 0.07,
@@ -161,11 +162,12 @@ class DINO(SelfDistillationMethod):
                  freeze_last_layer_epochs: float = 1):
         super().__init__(encoder)
         hp = self._check_hyperparameters(locals())
-        if local_views < 0 or local_size <= 0 or local_size % encoder.preset.divisor:
+        if local_views < 0 or (local_size is not None and (local_size <= 0 or local_size % encoder.preset.divisor)):
             raise NnsslError(f"dino: local_views must be >= 0 and local_size a positive multiple of "
                              f"{encoder.preset.divisor} (the Swin input divisor); got {local_views} and {local_size}. "
                              f"Fix it in plans/pretrain/dino.json or --plans-override.")
-        self.local_views, self.local_size = int(local_views), int(local_size)
+        self.local_views = int(local_views)
+        self.local_size = None if local_size is None else (int(local_size),) * 3
         self.global_scale = as_pair(global_scale, "global_scale", "dino")
         self.local_scale = as_pair(local_scale, "local_scale", "dino")
         head = DINOHead(encoder.out_channels[-1], out_dim, hidden_dim, bottleneck_dim)
@@ -173,7 +175,7 @@ class DINO(SelfDistillationMethod):
         self._setup({"global": head}, {"global": schedule}, hp)
 
     def view_spec(self) -> ViewSpec:
-        return ViewSpec(global_views=2, local_views=self.local_views, local_size=(self.local_size,) * 3,
+        return ViewSpec(global_views=2, local_views=self.local_views, local_size=self.local_size,
                         global_scale=self.global_scale, local_scale=self.local_scale)
 
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -36,7 +36,21 @@ from torch.utils.checkpoint import checkpoint
 # window partition as a gather
 
 
-@functools.lru_cache(maxsize=128)
+def _cached_constant(maxsize: int):
+    """``functools.lru_cache`` for index and mask tensors, always built outside inference mode: a tensor
+    cached under ``torch.inference_mode`` (nnssl_cka, nnU-Net's prediction) could not take part in a later
+    training step in the same process."""
+    def decorate(fn):
+        @functools.lru_cache(maxsize=maxsize)
+        @functools.wraps(fn)
+        def cached(*args):
+            with torch.inference_mode(False):
+                return fn(*args)
+        return cached
+    return decorate
+
+
+@_cached_constant(maxsize=128)
 def _window_index(grid: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int],
                   device: torch.device) -> tuple[Tensor, Tensor]:
     """Token order of MONAI's ``window_partition(torch.roll(x, -shift))`` on a padded ``grid``.
@@ -70,7 +84,7 @@ class _Permute(torch.autograd.Function):
         return grad.index_select(1, inverse), None, None
 
 
-@functools.lru_cache(maxsize=64)
+@_cached_constant(maxsize=64)
 def _shift_mask(grid: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int],
                 device: torch.device) -> Tensor:
     """MONAI's shifted-window mask ``(nW, n, n)`` (0 or -100), computed once per shape."""
@@ -122,9 +136,8 @@ def window_attention(attn: WindowAttention, x: Tensor, mask: Tensor | None, sdpa
         q, k, v = (t.contiguous() for t in qkv.unbind(0))  # (B * nW, heads, n, c / heads) each
         scores = torch.matmul(q.mul_(attn.scale), k.transpose(-2, -1))  # (B * nW, heads, n, n)
         scores += bias
-        if mask is not None:
-            nw = mask.shape[0]
-            scores.view(b // nw, nw, heads, n, n).add_(mask.to(q.dtype).view(1, nw, 1, n, n))
+        if mask is not None:  # (nW, n, n) -> (B * nW, 1, n, n); added to the base tensor, not a view of it,
+            scores += mask.to(q.dtype).repeat(b // mask.shape[0], 1, 1).unsqueeze(1)  # so no grad copy
         out = torch.matmul(scores.softmax(dim=-1), v)
     return attn.proj(out.transpose(1, 2).reshape(b, n, c))
 
@@ -294,8 +307,18 @@ def _instance_norm(norm: nn.Module, x: Tensor) -> Tensor:
     """MONAI's ``InstanceNorm3d`` as ``group_norm`` with one group per channel: the same statistic, without
     ``instance_norm``'s reshape copies (about 2x faster, fwd + bwd, on CPU). Channels-first input, because
     PyTorch's channels-last group norm computes the variance in one pass (errors of 1e-3 when the mean
-    is large against the spread)."""
-    return F.group_norm(_channels_first(x), x.shape[1], norm.weight, norm.bias, norm.eps)
+    is large against the spread).
+
+    Under autocast it normalises in the activation's dtype (the kernel accumulates its statistics in fp32)
+    instead of on an fp32 copy: that copy, kept for the backward, and the fp32 output would double the
+    memory of every full-resolution decoder activation.
+    """
+    if x[0, 0].numel() == 1:  # as InstanceNorm3d: one voxel per channel would normalise to 0
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {list(x.shape)}")
+    x = _channels_first(x)
+    weight, bias = (None if p is None else p.to(x.dtype) for p in (norm.weight, norm.bias))
+    with torch.autocast(x.device.type, enabled=False):
+        return F.group_norm(x, x.shape[1], weight, bias, norm.eps)
 
 
 def _pointwise(conv: nn.Conv3d, x: Tensor) -> Tensor:
@@ -435,25 +458,31 @@ class FastSwinUNETR(SwinUNETR):
 
     use_checkpoint: bool = False
 
-    def _block(self, fn, *args: Tensor) -> Tensor:
+    def _block(self, block: nn.Module, fast_forward, *args: Tensor) -> Tensor:
+        """``block(*args)`` on the fast path; a block with forward hooks (CKA's layer taps) runs its own
+        module call instead, so the hooks see it (the same output within fp32 rounding)."""
+        if block._forward_hooks or block._forward_pre_hooks:
+            fn = block
+        else:
+            fn = functools.partial(fast_forward, block.layer if isinstance(block, UnetrBasicBlock) else block)
         if self.use_checkpoint and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
     def forward(self, x_in: Tensor) -> Tensor:
-        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
-            self._check_input_size(x_in.shape[2:])
+        if not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            self._check_input_size(x_in.shape[2:])  # numpy: a graph break under torch.compile
         hidden = self.swinViT(x_in, self.normalize)
-        enc0 = self._block(res_block, self.encoder1.layer, x_in)
-        enc1 = self._block(res_block, self.encoder2.layer, hidden[0])
-        enc2 = self._block(res_block, self.encoder3.layer, hidden[1])
-        enc3 = self._block(res_block, self.encoder4.layer, hidden[2])
-        dec4 = self._block(res_block, self.encoder10.layer, hidden[4])
-        dec3 = self._block(up_block, self.decoder5, dec4, hidden[3])
-        dec2 = self._block(up_block, self.decoder4, dec3, enc3)
-        dec1 = self._block(up_block, self.decoder3, dec2, enc2)
-        dec0 = self._block(up_block, self.decoder2, dec1, enc1)
-        out = self._block(up_block, self.decoder1, dec0, enc0)
+        enc0 = self._block(self.encoder1, res_block, x_in)
+        enc1 = self._block(self.encoder2, res_block, hidden[0])
+        enc2 = self._block(self.encoder3, res_block, hidden[1])
+        enc3 = self._block(self.encoder4, res_block, hidden[2])
+        dec4 = self._block(self.encoder10, res_block, hidden[4])
+        dec3 = self._block(self.decoder5, up_block, dec4, hidden[3])
+        dec2 = self._block(self.decoder4, up_block, dec3, enc3)
+        dec1 = self._block(self.decoder3, up_block, dec2, enc2)
+        dec0 = self._block(self.decoder2, up_block, dec1, enc1)
+        out = self._block(self.decoder1, up_block, dec0, enc0)
         return _pointwise(self.out.conv.conv, out).contiguous()
 
 

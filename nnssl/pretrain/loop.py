@@ -41,6 +41,7 @@ from nnssl.pretrain.run_folder import (FINAL, CsvLog, RunLock, latest_good_check
 from nnssl.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # one kernel over all parameters instead of ~10 ops per tensor
 # settings a resumed run may change; everything else would change the schedule being continued
 RESUMABLE_CHANGES = {"num_workers", "checkpoint_every", "log_every", "device", "compile", "run"}
 
@@ -175,7 +176,7 @@ class Pretrainer:
                 find_unused_parameters=True)
         self.optimizer = torch.optim.AdamW(_param_groups(self.method), lr=config.lr, betas=tuple(config.betas),
                                            weight_decay=config.weight_decay,
-                                           fused=self.device.type == "cuda")
+                                           fused=self.device.type in FUSED_ADAMW_DEVICES)
         amp = config.amp
         if amp == "auto":
             amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if self.device.type == "cuda" else "off"

@@ -65,7 +65,7 @@ class CsvLog:
         self.path = path
         self.columns: list[str] | None = None
         if path.is_file() and path.stat().st_size:
-            with open(path, newline="") as f:
+            with open(path, newline="", encoding="utf-8") as f:
                 self.columns = next(csv.reader(f), None)
 
     def truncate_after(self, step: int) -> None:
@@ -81,18 +81,18 @@ class CsvLog:
     def rows(self) -> list[dict[str, str]]:
         if not self.path.is_file():
             return []
-        with open(self.path, newline="") as f:
+        with open(self.path, newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
 
     def append(self, row: dict[str, Any]) -> None:
         if self.columns is None:
             self.columns = list(row)
-            with open(self.path, "w", newline="") as f:
+            with open(self.path, "w", newline="", encoding="utf-8") as f:
                 csv.writer(f).writerow(self.columns)
         missing = [c for c in row if c not in self.columns]
         if missing:
             raise RuntimeError(f"log.csv columns {self.columns} lack {missing}; a method must log the same terms every step")
-        with open(self.path, "a", newline="") as f:
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, fieldnames=self.columns).writerow(
                 {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
