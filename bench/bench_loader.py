@@ -12,36 +12,25 @@ worker.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from nnssl.data.synthetic import SyntheticSpec, write_corpus
+from nnssl.paths import environment
 
 DATASET_ID = 601
 SIZES = {False: {"volumes": 4, "shape": (112, 256, 256), "crop": 96, "seconds": 20.0},
          True: {"volumes": 8, "shape": (160, 384, 384), "crop": 128, "seconds": 60.0}}
 
 
-@contextmanager
 def nnunet_folders(root: Path):
-    saved = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_n_proc_DA")}
     for name in ("raw", "preprocessed"):
         (root / name).mkdir(exist_ok=True)
-    os.environ.update({"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed")})
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return environment({"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed")})
 
 
 def _rate(next_crops, seconds: float) -> float:

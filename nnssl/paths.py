@@ -6,7 +6,9 @@ nnU-Net's own variables (``nnUNet_raw``, ``nnUNet_preprocessed``, ``nnUNet_resul
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from nnssl.errors import NnsslError
 
@@ -75,3 +77,19 @@ def dataset_folder(root: Path, dataset: str | int, root_variable: str) -> Path:
     raise NnsslError(
         f"No dataset '{text}' in ${root_variable} ({root}). Present: {existing or 'none'}."
     )
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set the environment variables ``values`` inside the block; afterwards each has its earlier value
+    again (or is unset, if it was)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -17,6 +17,9 @@ environment at the start of a training and saved in the model folder's ``plans.j
   runs such as the demo's learn more with a higher one.
 - ``nnssl_run``: which pretraining run of the method to use (default: the newest finished one).
 
+On the CPU the trainers honour ``OMP_NUM_THREADS`` (nnU-Net itself takes every core), so that
+``nnssl_benchmark --device cpu --jobs N`` can run N trainings side by side.
+
 Where a method trainer's encoder comes from, first match wins: ``-pretrained_weights FILE``;
 ``$nnssl_results/<method>/$nnssl_run/encoder_final.pth``; the encoder the model folder's other folds
 started from (recorded in its plans.json); the newest ``$nnssl_results/<method>/*/encoder_final.pth``.

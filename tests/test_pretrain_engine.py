@@ -1,7 +1,6 @@
 """Issue 3: corpus preparation through nnU-Net, the shared loop, outputs, kill/resume, DDP, errors."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

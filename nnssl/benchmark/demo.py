@@ -34,6 +34,7 @@ from nnssl.benchmark.driver import ROOT_VARIABLES, BenchmarkOutcome, format_plan
 from nnssl.benchmark.study import Study, load_study
 from nnssl.errors import NnsslError
 from nnssl.io import load_json, save_json
+from nnssl.paths import environment
 from nnssl.plans import load_plan
 
 log = logging.getLogger(__name__)
@@ -103,22 +104,14 @@ def _write_plan(plan: dict[str, Any], out: Path) -> Path:
 def demo_environment(out: Path, create: bool = True) -> Iterator[None]:
     """Point ``nnUNet_raw``, ``nnUNet_preprocessed``, ``nnUNet_results`` and ``nnssl_results`` to folders in
     ``out`` (created if ``create``) while the demo runs; restore the caller's values afterwards."""
-    saved = {name: os.environ.get(name) for name in ROOT_VARIABLES}
-    for name in ROOT_VARIABLES:
-        folder = out / name
+    folders = {name: out / name for name in ROOT_VARIABLES}
+    for name, folder in folders.items():
         if create:
             folder.mkdir(parents=True, exist_ok=True)
-        if saved[name] and Path(saved[name]).resolve() != folder:
-            log.info("nnssl_demo: using %s=%s (your %s is left alone)", name, folder, saved[name])
-        os.environ[name] = str(folder)
-    try:
+        if os.environ.get(name) and Path(os.environ[name]).resolve() != folder:
+            log.info("nnssl_demo: using %s=%s (your %s is left alone)", name, folder, os.environ[name])
+    with environment({name: str(folder) for name, folder in folders.items()}):
         yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def make_synthetic_data(study: Study, settings: dict[str, Any], out: Path) -> None:

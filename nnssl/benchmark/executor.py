@@ -59,8 +59,9 @@ def run_jobs(jobs: Sequence[Job], log_dir: Path, gpu_slots: Sequence[str | None]
     """Run ``jobs`` (``done`` ones are not run) and return one result per job, in the order given.
 
     ``gpu_slots``: one entry per GPU job that may run at once, the value of ``CUDA_VISIBLE_DEVICES`` for it
-    (None: leave the variable as it is). ``env``: variables set for every command (a job's own win). ``check(job)``, called after a job exited 0, may return a message
-    that turns the job into a failure (e.g. its output disagrees with what later jobs were planned on).
+    (None: leave the variable as it is). ``env``: variables set for every command (a job's own win).
+    ``check(job)``, called after a job exited 0, may return a message that turns the job into a failure
+    (e.g. its output disagrees with what later jobs were planned on).
     """
     if not gpu_slots or cpu_slots < 1:
         raise ValueError(f"run_jobs needs at least one GPU slot (None: no GPU) and one CPU slot; got "

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from nnssl.errors import NnsslError
 from nnssl.io import atomic_path, save_json
-from nnssl.paths import nnunet_preprocessed, nnunet_raw
+from nnssl.paths import environment, nnunet_preprocessed, nnunet_raw
 
 log = logging.getLogger(__name__)
 
@@ -234,14 +234,8 @@ def _nnunet_preprocess(dataset_id: int, num_processes: int,
     spacing = None if target_spacing is None else tuple(float(s) for s in reversed(target_spacing))
     # nnU-Net 2.8.1's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for the valid
     # training setting nnUNet_n_proc_DA=0
-    saved = os.environ.get("nnUNet_n_proc_DA")
-    if saved == "0":
-        os.environ["nnUNet_n_proc_DA"] = "1"
-    try:
+    with environment({"nnUNet_n_proc_DA": "1"} if os.environ.get("nnUNet_n_proc_DA") == "0" else {}):
         plan_experiments([dataset_id], overwrite_target_spacing=spacing)
-    finally:
-        if saved == "0":
-            os.environ["nnUNet_n_proc_DA"] = saved
     preprocess([dataset_id], configurations=("3d_fullres",), num_processes=(num_processes,))
 
 
