@@ -44,9 +44,18 @@ def save_torch(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, tmp)
 
 
-def load_json(path: str | os.PathLike) -> Any:
+def load_json(path: str | os.PathLike, fix: str | None = None) -> Any:
+    """``path`` parsed as JSON. With ``fix`` (what the user should do), a file that is not valid JSON is an
+    :class:`~nnssl.errors.NnsslError` naming it, instead of a ``JSONDecodeError``."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            if fix is None:
+                raise
+            from nnssl.errors import NnsslError
+
+            raise NnsslError(f"{path} is not valid JSON ({err}); {fix}") from None
 
 
 def _json_default(value: Any) -> Any:

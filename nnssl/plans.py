@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import difflib
-import json
 from pathlib import Path
 from typing import Any
 
 from nnssl.errors import NnsslError
+from nnssl.io import load_json
 
 
 def plans_dir() -> Path:
@@ -25,10 +25,7 @@ def load_plan(relative_path: str) -> dict[str, Any]:
     path = plans_dir() / relative_path
     if not path.is_file():
         raise NnsslError(f"Plan file {path} does not exist.")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise NnsslError(f"Plan file {path} is not valid JSON: {err}") from None
+    return load_json(path, fix="restore it from the nnssl repository (git checkout plans/) or fix the edit.")
 
 
 def did_you_mean(name: str, choices: list[str]) -> str:

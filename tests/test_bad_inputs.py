@@ -72,6 +72,12 @@ def _two_bad_volumes(root: Path) -> None:
     _image(root / "raw/constant.nii.gz", np.full((16, 16, 16), -1000, np.int16))
 
 
+def _msd_with_broken_json(root: Path) -> None:
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir()
+    _write(root / "dataset.json", b'{"labels": {"0": "background",')  # cut off mid-download
+
+
 def _foreign_checkpoint(root: Path) -> None:
     torch.save({"model": {"weight": torch.zeros(2)}}, root / "foreign.pth")
 
@@ -170,6 +176,8 @@ CASES = [
     Case("report-unknown-dataset", "nnssl_report", ["444", "-o", "{tmp}/r"], "444"),
     # nnssl_convert
     Case("convert-unknown-task", "nnssl_convert", ["KiTS", "{tmp}", "-o", "{tmp}/raw"], "KiTS"),
+    Case("convert-broken-dataset-json", "nnssl_convert", ["Liver", "{tmp}", "-o", "{tmp}/raw"],
+         "dataset.json is not valid JSON", setup=_msd_with_broken_json),
     Case("convert-missing-source", "nnssl_convert", ["BTCV", "{tmp}/nowhere", "-o", "{tmp}/raw"], "nowhere"),
     Case("convert-incomplete-download", "nnssl_convert", ["BTCV", "{tmp}", "-o", "{tmp}/raw"], "Training"),
     Case("convert-label-values", "nnssl_convert", ["BTCV", "{tmp}", "-o", "{tmp}/raw"], "99",

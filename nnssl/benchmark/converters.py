@@ -23,7 +23,6 @@ one or two levels above it, e.g. the folder the archive was extracted into):
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -34,6 +33,7 @@ import SimpleITK as sitk
 from nnssl.benchmark.raw_dataset import Case, Split4D, write_raw_dataset
 from nnssl.benchmark.study import TaskSpec, load_study
 from nnssl.errors import NnsslError
+from nnssl.io import load_json
 from nnssl.paths import env_dir
 
 log = logging.getLogger(__name__)
@@ -88,10 +88,7 @@ def _read_source_json(root: Path, task: TaskSpec) -> dict:
     path = root / "dataset.json"
     if not path.is_file():
         raise NnsslError(f"The {task.key} download is incomplete: {path} is missing.")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise NnsslError(f"{path} is not valid JSON ({err}); download {task.key} again.") from None
+    return load_json(path, fix=f"download {task.key} again.")
 
 
 def _check_source_labels(source_json: dict, task: TaskSpec, root: Path) -> None:
