@@ -64,7 +64,7 @@ def demo_plan(quick: bool = False) -> dict[str, Any]:
 
 
 def default_jobs() -> int:
-    """Training jobs at a time: two where there are two cores (1.5x the throughput of one job on both)."""
+    """Training jobs at a time: two where there are two cores (tiny networks use two cores poorly in one job)."""
     return min(2, len(os.sched_getaffinity(0)))
 
 

@@ -20,7 +20,6 @@ Jobs, in the order they are listed (and started when their dependencies allow):
 """
 from __future__ import annotations
 
-import json
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Protocol
 from nnssl.benchmark.study import Study, TaskSpec
 from nnssl.errors import NnsslError
 from nnssl.fewshot import FEWSHOT_FILENAME, NUM_MANY_SHOT_FOLDS, SPLITS_FILENAME, plan_fewshot_folds
+from nnssl.io import load_json
 
 NEW, RESUME, DONE = "new", "resume", "done"
 MANY_SHOT = "all"  # the --shots value of nnU-Net's folds 0-4
@@ -304,8 +304,8 @@ class DiskState:
         if not plans.is_file() or not meta.is_file():
             return False
         try:
-            expected = json.loads(meta.read_text(encoding="utf-8"))["numTraining"]
-            data = json.loads(plans.read_text(encoding="utf-8"))["configurations"][self.study.configuration]["data_identifier"]
+            expected = load_json(meta)["numTraining"]
+            data = load_json(plans)["configurations"][self.study.configuration]["data_identifier"]
         except (ValueError, KeyError):
             return False
         return len(list((folder / data).glob("*.pkl"))) == expected
@@ -316,7 +316,7 @@ class DiskState:
         folder = self.preprocessed_dir / dataset
         splits = folder / SPLITS_FILENAME
         try:
-            num_splits = len(json.loads(splits.read_text(encoding="utf-8"))) if splits.is_file() else 0
+            num_splits = len(load_json(splits)) if splits.is_file() else 0
         except ValueError:
             raise NnsslError(f"{splits} is damaged; restore it or delete it with {FEWSHOT_FILENAME}.") from None
         return load_fewshot(folder), num_splits

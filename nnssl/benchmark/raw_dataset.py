@@ -18,7 +18,6 @@ built by the converter as SimpleITK images and written with SimpleITK.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from nnssl.benchmark.study import TaskSpec
 from nnssl.errors import NnsslError
+from nnssl.io import load_json
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def is_complete(folder: Path) -> bool:
     if not dataset_json.is_file():
         return False
     try:
-        expected = json.loads(dataset_json.read_text(encoding="utf-8"))["numTraining"]
+        expected = load_json(dataset_json)["numTraining"]
     except (ValueError, KeyError):
         return False
     return len(list((folder / "labelsTr").glob(f"*{FILE_ENDING}"))) == expected

@@ -8,24 +8,26 @@ the functions are plain maths.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from nnssl.errors import NnsslError
+from nnssl.losses.distillation import validate_temperature
 from nnssl.pretrain.distributed import gather_with_grad, rank
 
 
 def check_temperature(temperature: float, method: str) -> float:
     """``temperature`` as a float if it is a positive finite number; otherwise an :class:`NnsslError`
     naming ``method``'s plan. Methods call this in their constructor, before any work."""
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    try:
+        validate_temperature("temperature", temperature)
+    except ValueError:
         raise NnsslError(
             f"{method}: temperature must be a positive number (it divides cosine similarities), got "
             f"{temperature!r}. Set \"temperature\" under \"method\" in plans/pretrain/{method}.json or "
-            f"with --plans-override method.temperature=VALUE.")
+            f"with --plans-override method.temperature=VALUE.") from None
     return float(temperature)
 
 
