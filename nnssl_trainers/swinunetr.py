@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import os
 from pathlib import Path
 
@@ -50,26 +49,12 @@ from nnssl.networks import BackbonePreset, ENCODER_PREFIX, build_swinunetr, get_
 from nnssl.networks.swinunetr import swin_patch_size
 from nnssl.paths import nnssl_results, nnunet_results
 from nnssl.schedules import EpochWarmupCosineLR
+from nnssl_trainers.knobs import env_positive
 
 PLANS_KEY = "nnssl"  # our section inside the configuration of the plans the trainer saves
 DEFAULT_BACKBONE = "paper"
 PROG = "nnUNetv2_train"
 NNUNET_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")  # the order --c tries
-
-
-def _env_positive(name: str, kind: type[int] | type[float]) -> int | float | None:
-    """The positive ``kind`` in environment variable ``name``, or None when it is unset or empty."""
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return None
-    try:
-        number = kind(value)
-    except ValueError:
-        number = 0
-    if not (math.isfinite(number) and number > 0):
-        what, example = ("whole number", "5") if kind is int else ("number", "3e-4")
-        raise NnsslError(f"Environment variable {name}={value!r} must be a positive {what}, e.g. {name}={example}.")
-    return number
 
 
 def encoder_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
@@ -119,7 +104,7 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         with exit_on_user_error(PROG):
             self._configure()
             self._log_fewshot_fold()
-            threads = _env_positive("OMP_NUM_THREADS", int)
+            threads = env_positive("OMP_NUM_THREADS", int)
         if self.device.type == "cpu" and threads:  # nnU-Net sets every core, ignoring it: parallel CPU jobs
             torch.set_num_threads(threads)
 
@@ -146,7 +131,7 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         planned = saved.get("planned_patch_size") or list(self.configuration_manager.patch_size)
 
         def knob(variable: str, key: str, default: int | float) -> int | float:
-            return _env_positive(variable, type(default)) or saved.get(key) or default
+            return env_positive(variable, type(default)) or saved.get(key) or default
 
         configuration[PLANS_KEY] = {
             "backbone": backbone.to_dict(),

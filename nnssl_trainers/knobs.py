@@ -1,0 +1,36 @@
+"""Run-time knobs of nnssl's nnU-Net trainers: ``nnssl_*`` environment variables read when a training starts.
+
+Every knob a trainer reads is listed in :data:`KNOBS` (name -> what it sets), so that the README's table, the
+trainers and the check for misspelt names read one list.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+from nnssl.errors import NnsslError
+
+KNOBS: dict[str, str] = {
+    "nnssl_backbone": "Swin preset of trainers without a pretrained encoder (paper, monai, tiny)",
+    "nnssl_num_epochs": "number of epochs",
+    "nnssl_iterations_per_epoch": "training iterations per epoch (validation iterations: a fifth)",
+    "nnssl_save_every": "epochs between checkpoint_latest.pth writes",
+    "nnssl_lr": "peak AdamW learning rate",
+    "nnssl_run": "which pretraining run of the method the trainer uses",
+}
+FOLDER_VARIABLES = ("nnssl_results",)  # nnssl_* variables that name folders (nnssl.paths), not trainer knobs
+
+
+def env_positive(name: str, kind: type[int] | type[float]) -> int | float | None:
+    """The positive ``kind`` in environment variable ``name``, or None when it is unset or empty."""
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        number = kind(value)
+    except ValueError:
+        number = 0
+    if not (math.isfinite(number) and number > 0):
+        what, example = ("whole number", "5") if kind is int else ("number", "3e-4")
+        raise NnsslError(f"Environment variable {name}={value!r} must be a positive {what}, e.g. {name}={example}.")
+    return number
