@@ -77,7 +77,9 @@ def resolve_config(method: str, datasets: list[str], cli: dict[str, Any],
     """
     plan_file = plans_dir() / "pretrain" / f"{method}.json"
     plan = load_plan(f"pretrain/{method}.json") if plan_file.is_file() else {}
-    values: dict[str, Any] = {k: v for k, v in plan.items() if not k.startswith("_") and k != "description"}
+    # description and finetune_encoder (nnssl.plans.finetune_encoder) describe the run; they are not loop settings
+    values: dict[str, Any] = {k: v for k, v in plan.items()
+                              if not k.startswith("_") and k not in ("description", "finetune_encoder")}
     values["method_params"] = values.pop("method", {})
     values.update({k: v for k, v in cli.items() if v is not None})
     for item in overrides or []:
