@@ -23,7 +23,7 @@ from typing import Sequence
 
 from nnssl.errors import NnsslError
 from nnssl.io import load_json, save_json
-from nnssl.paths import dataset_folder, nnunet_preprocessed
+from nnssl.paths import preprocessed_dataset
 
 FEWSHOT_FILENAME = "fewshot.json"
 FEWSHOT_VERSION = 1
@@ -109,7 +109,7 @@ def add_fewshot_folds(dataset: str | int, shots: Sequence[int], folds: Sequence[
     reordered or changed. ``fewshot.json`` is written before ``splits_final.json`` (both atomically), so an
     interrupted call is completed by the next one.
     """
-    folder = dataset_folder(nnunet_preprocessed(), dataset, "nnUNet_preprocessed")
+    folder = preprocessed_dataset(dataset)
     shots = list(dict.fromkeys(shots))  # repeated counts would add nothing
     bad = [n for n in shots if not isinstance(n, int) or n < 1]
     if not shots or bad:

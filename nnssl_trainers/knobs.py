@@ -9,6 +9,7 @@ import math
 import os
 
 from nnssl.errors import NnsslError
+from nnssl.plans import did_you_mean
 
 KNOBS: dict[str, str] = {
     "nnssl_backbone": "Swin preset of trainers without a pretrained encoder (paper, monai, tiny)",
@@ -17,6 +18,10 @@ KNOBS: dict[str, str] = {
     "nnssl_save_every": "epochs between checkpoint_latest.pth writes",
     "nnssl_lr": "peak AdamW learning rate",
     "nnssl_run": "which pretraining run of the method the trainer uses",
+    "nnssl_seed": "seed of the training",
+    "nnssl_encoder": "which encoder of a pretraining run to fine-tune",
+    "nnssl_checkpointing": "gradient checkpointing of the Swin encoder",
+    "nnssl_encoder_file": "encoder file of SwinUNETR_Imported_Trainer (instead of -pretrained_weights)",
 }
 FOLDER_VARIABLES = ("nnssl_results",)  # nnssl_* variables that name folders (nnssl.paths), not trainer knobs
 
@@ -34,3 +39,14 @@ def env_positive(name: str, kind: type[int] | type[float]) -> int | float | None
         what, example = ("whole number", "5") if kind is int else ("number", "3e-4")
         raise NnsslError(f"Environment variable {name}={value!r} must be a positive {what}, e.g. {name}={example}.")
     return number
+
+
+def check_environment() -> None:
+    """Refuse ``nnssl_*`` environment variables that are neither knobs nor folders: a misspelt knob
+    (``nnssl_epochs=50``) would otherwise be ignored in silence and the training run with the default."""
+    known = sorted([*KNOBS, *FOLDER_VARIABLES])
+    unknown = sorted(name for name in os.environ if name.startswith("nnssl_") and name not in known)
+    if unknown:
+        hints = " ".join(f"{name}:{did_you_mean(name, known) or ' no close match.'}" for name in unknown)
+        raise NnsslError(f"Unknown nnssl environment variable(s) {unknown}; nnssl's trainers would ignore them. "
+                         f"{hints} Known: {', '.join(known)}. Unset the variable (unset NAME) or fix its name.")

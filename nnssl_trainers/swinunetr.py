@@ -35,6 +35,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from nnunetv2.run import run_training as nnunet_run_training
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -48,8 +49,10 @@ from nnssl.io import atomic_path, load_json
 from nnssl.networks import BackbonePreset, ENCODER_PREFIX, build_swinunetr, get_preset
 from nnssl.networks.swinunetr import swin_patch_size
 from nnssl.paths import nnssl_results, nnunet_results
+from nnssl.provenance import provenance
 from nnssl.schedules import EpochWarmupCosineLR
-from nnssl_trainers.knobs import env_positive
+from nnssl_trainers.imported import IMPORTED, imported_encoder_file
+from nnssl_trainers.knobs import check_environment, env_positive
 
 PLANS_KEY = "nnssl"  # our section inside the configuration of the plans the trainer saves
 DEFAULT_BACKBONE = "paper"
@@ -93,6 +96,7 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         continuing = bool(plans.get("continue_training", False))
         with exit_on_user_error(PROG):
             nnunet_results()  # nnU-Net would fail later with a bare traceback
+            check_environment()
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.weight_decay = self.weight_decay_default
         self.enable_deep_supervision = False
@@ -144,6 +148,9 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
             "initial_lr": knob("nnssl_lr", "initial_lr", self.initial_lr_default),
             "trainer": self.__class__.__name__,
             "pretrained": saved.get("pretrained"),
+            # per fold: the folds of one model folder may be trained on other machines or software
+            "provenance": {**(saved.get("provenance") or {}),
+                           str(self.fold): provenance(self.device, dist.get_world_size() if self.is_ddp else 1)},
         }
         self._set_backbone(backbone)
         settings = self.nnssl_settings
@@ -284,7 +291,7 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
     def _pretrained_encoder(self) -> EncoderCheckpoint:
         path = self._encoder_path()
         checkpoint = load_encoder_file(path)
-        if checkpoint.method != self.pretrain_method:
+        if self.pretrain_method != IMPORTED and checkpoint.method != self.pretrain_method:
             raise NnsslError(
                 f"{self.__class__.__name__} fine-tunes '{self.pretrain_method}' encoders, but {path} was pretrained "
                 f"with '{checkpoint.method}'. Use the trainer of that method or a '{self.pretrain_method}' checkpoint."
@@ -310,6 +317,8 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         if self.encoder_checkpoint_path is not None:
             return self.encoder_checkpoint_path
         previous = (self.nnssl_settings.get("pretrained") or {}).get("path")
+        if self.pretrain_method == IMPORTED:
+            return imported_encoder_file(previous)
         if not os.environ.get(RUN_ENV) and previous and Path(previous).is_file():
             return Path(previous)  # the encoder the model folder's other folds started from
         return find_encoder_checkpoint(self.pretrain_method, nnssl_results())
@@ -456,6 +465,16 @@ class SwinUNETR_SMIT_Trainer(SwinUNETR_Scratch_Trainer):
     pretrain_method = "smit"
 
 
-METHOD_TRAINERS = {cls.pretrain_method: cls for cls in SwinUNETR_Scratch_Trainer.__subclasses__()}
+class SwinUNETR_Imported_Trainer(SwinUNETR_Scratch_Trainer):
+    """Any encoder file, whatever its method: public weights converted by nnssl_import (MONAI, Tang et al.,
+    VoCo, SMIT), named by ``-pretrained_weights FILE`` or ``nnssl_encoder_file=FILE``."""
 
-__all__ = ["SwinUNETR_Scratch_Trainer", *(cls.__name__ for cls in METHOD_TRAINERS.values())]
+    pretrain_method = IMPORTED
+
+
+# the SSL methods nnssl pretrains, each with its trainer (the imported trainer takes encoders of any method)
+METHOD_TRAINERS = {cls.pretrain_method: cls for cls in SwinUNETR_Scratch_Trainer.__subclasses__()
+                   if cls.pretrain_method != IMPORTED}
+
+__all__ = ["SwinUNETR_Scratch_Trainer", "SwinUNETR_Imported_Trainer",
+           *(cls.__name__ for cls in METHOD_TRAINERS.values())]

@@ -18,14 +18,14 @@ def main(argv: list[str] | None = None) -> int:
                     "study. Logs: <output>/logs/<job>.log; outcome: <output>/summary.json.",
         epilog="Examples: nnssl_benchmark --dry-run | nnssl_benchmark --tasks BTCV CHAOS --methods smit scratch "
                "--shots 5 all --folds 0 --gpus 4")
-    parser.add_argument("--tasks", nargs="+", metavar="TASK", help="task names or dataset ids (default: all nine)")
+    parser.add_argument("--tasks", "-d", nargs="+", metavar="TASK", help="task names or dataset ids (default: all nine)")
     parser.add_argument("--methods", nargs="+", metavar="M", help="SSL methods and/or scratch (default: all)")
     parser.add_argument("--shots", nargs="+", metavar="N", help="few-shot sizes and/or 'all' for the many-shot "
                                                                "folds (default: every size of the plan, and all)")
-    parser.add_argument("--folds", nargs="+", type=int, metavar="F", help="many-shot folds, and the few-shot "
+    parser.add_argument("--folds", "-f", nargs="+", type=int, metavar="F", help="many-shot folds, and the few-shot "
                                                                           "folds drawn from them (default: 0-4)")
     parser.add_argument("--gpus", type=int, help="GPUs to use, one job each (default: all visible)")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+    parser.add_argument("-device", "--device", dest="device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: run every job on the CPU (toy studies)")
     parser.add_argument("--jobs", type=int, help="with --device cpu: training jobs at a time, each with its share "
                                                  "of the cores as OMP_NUM_THREADS (default 1)")

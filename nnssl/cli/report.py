@@ -15,13 +15,15 @@ def main(argv: list[str] | None = None) -> int:
                     "figures. Missing or unfinished runs are listed in the report.")
     parser.add_argument("datasets", nargs="*", metavar="DATASET",
                         help="nnU-Net dataset ids or names (default: every dataset in $nnUNet_results)")
+    parser.add_argument("-d", dest="dataset_options", nargs="+", default=[], metavar="DATASET",
+                        help="the same, nnU-Net's spelling")
     parser.add_argument("-o", dest="output", default="nnssl_report", help="output folder (default ./nnssl_report)")
     args = parser.parse_args(argv)
     setup_logging()
     with exit_on_user_error("nnssl_report"):
         from nnssl.analysis.report import make_report
 
-        tables = make_report(datasets=args.datasets or None, output=args.output)
+        tables = make_report(datasets=[*args.datasets, *args.dataset_options] or None, output=args.output)
     problems = len(tables["problems"])
     print(f"wrote {args.output}/report.md ({len(tables['dice'])} task x method x shot rows"
           f"{f', {problems} missing or unfinished runs listed' if problems else ''})")

@@ -38,12 +38,14 @@ from nnssl.pretrain import distributed
 from nnssl.pretrain.config import PretrainConfig
 from nnssl.pretrain.run_folder import (FINAL, CsvLog, RunLock, latest_good_checkpoint, plot_progress,
                                        save_checkpoint)
+from nnssl.pretrain.tracking import open_tracker, require_tensorboard
+from nnssl.provenance import provenance
 from nnssl.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # one kernel over all parameters instead of ~10 ops per tensor
 # settings a resumed run may change; everything else would change the schedule being continued
-RESUMABLE_CHANGES = {"num_workers", "checkpoint_every", "log_every", "device", "compile", "run"}
+RESUMABLE_CHANGES = {"num_workers", "checkpoint_every", "log_every", "device", "compile", "run", "logger"}
 
 
 class RunInterrupted(Exception):
@@ -135,6 +137,8 @@ class Pretrainer:
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.main = self.rank == 0
         get_method(config.method)  # unknown method: fail before touching any folder
+        if config.logger == "tensorboard" and self.main:
+            require_tensorboard()
         self.preset: BackbonePreset = get_preset(config.backbone)
         self.patch_size = list(config.patch_size or self.preset.input_size)
         if any(s % self.preset.divisor for s in self.patch_size):
@@ -223,18 +227,23 @@ class Pretrainer:
         self.folder.mkdir(parents=True, exist_ok=True)
         with (RunLock(self.folder) if self.main else nullcontext()), _StopFlag() as stop:
             if self.main:
-                save_json(self.config.to_dict(), self.folder / "config.json")
+                save_json({**self.config.to_dict(), "provenance": provenance(self.device, self.world_size)},
+                          self.folder / "config.json")
             encoder_file = self.folder / "encoder_final.pth"
             if (self.folder / FINAL).is_file() and encoder_file.is_file():
                 log.info("run %s is already finished", self.folder)
                 return RunResult(self.folder, int(load_encoder_file(encoder_file).meta["step"]), encoder_file)
             self._build()
             start = self._restore() if self.resume else 0
-            csv_log = CsvLog(self.folder / "log.csv")
+            csv_log = CsvLog(self.folder / "log.csv",
+                             mirror=open_tracker(self.config.logger, self.folder, start) if self.main else None)
             if self.main:
                 csv_log.truncate_after(start if start else -1)
-            self._train(start, csv_log, stop)
-            self._finish(csv_log)
+            try:
+                self._train(start, csv_log, stop)
+                self._finish(csv_log)
+            finally:
+                csv_log.close()
         return RunResult(self.folder, self.total_steps, self.folder / "encoder_final.pth")
 
     def _batches(self, start: int):

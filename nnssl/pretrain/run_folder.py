@@ -19,6 +19,7 @@ import torch
 
 from nnssl.errors import NnsslError
 from nnssl.io import atomic_path, save_text, save_torch
+from nnssl.pretrain.tracking import Tracker
 
 CHECKPOINT_FORMAT = "nnssl-pretrain-checkpoint"
 LATEST, PREVIOUS, FINAL = "checkpoint_latest.pth", "checkpoint_previous.pth", "checkpoint_final.pth"
@@ -59,10 +60,12 @@ class RunLock:
 
 
 class CsvLog:
-    """``log.csv``: appended and flushed per row; on resume, rows after the checkpoint's step are dropped."""
+    """``log.csv``: appended and flushed per row; on resume, rows after the checkpoint's step are dropped.
+    A ``mirror`` (e.g. TensorBoard, ``nnssl.pretrain.tracking``) receives every appended row as well."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, mirror: Tracker | None = None):
         self.path = path
+        self.mirror = mirror
         self.columns: list[str] | None = None
         if path.is_file() and path.stat().st_size:
             with open(path, newline="", encoding="utf-8") as f:
@@ -95,6 +98,12 @@ class CsvLog:
         with open(self.path, "a", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, fieldnames=self.columns).writerow(
                 {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        if self.mirror is not None:
+            self.mirror.append(row)
+
+    def close(self) -> None:
+        if self.mirror is not None:
+            self.mirror.close()
 
 
 def plot_progress(log: CsvLog, path: Path, title: str, terms: list[str]) -> None:
