@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -127,3 +128,73 @@ def test_nnunet_spellings_and_unpreprocessed_dataset_hint(ct_task, nnunet_env, t
 def test_plans_cite_no_internal_notes():
     for path in plans_dir().rglob("*.json"):
         assert "STUDY.md" not in path.read_text(encoding="utf-8"), path
+
+
+def test_report_prints_provenance_and_warns_about_different_versions(trained_scratch, ct_task, tmp_path):
+    results = tmp_path / "results"
+    dataset = results / ct_task.dataset
+    shutil.copytree(trained_scratch, dataset / trained_scratch.name)
+    other = shutil.copytree(trained_scratch, dataset / "SwinUNETR_SimMIM_Trainer__nnUNetPlans__3d_fullres")
+    plans = json.loads((other / "plans.json").read_text(encoding="utf-8"))
+    plans["configurations"]["3d_fullres"]["nnssl"]["provenance"]["0"]["torch"] = "2.0.0"
+    (other / "plans.json").write_text(json.dumps(plans), encoding="utf-8")
+    result = run_cli("nnssl_report", "-o", tmp_path / "report", env={"nnUNet_results": str(results)})
+    assert "different torch versions" in result.stderr and "2.0.0" in result.stderr
+    with open(tmp_path / "report" / "provenance.csv", newline="", encoding="utf-8") as f:
+        rows = {row["method"]: row for row in csv.DictReader(f)}
+    assert rows["simmim"]["torch"] == "2.0.0" and rows["scratch"]["torch"] != "2.0.0"
+    assert rows["scratch"]["stage"] == "fine-tuning" and rows["scratch"]["world_size"] == "1"
+    assert "## Provenance" in (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
+
+
+def test_imported_trainer_takes_an_encoder_of_any_method_from_the_knob(ct_task, tmp_path):
+    from nnssl.checkpoints import save_encoder
+    from nnssl.networks import SwinEncoder, get_preset
+
+    missing = run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "0", "-tr", "SwinUNETR_Imported_Trainer",
+                      "-device", "cpu", check=False)
+    assert missing.returncode == 2 and "-pretrained_weights FILE" in missing.stderr
+    assert "nnssl_encoder_file" in missing.stderr
+
+    encoder = tmp_path / "tang_encoder.pth"
+    save_encoder(encoder, SwinEncoder(get_preset("tiny")), {"backbone": get_preset("tiny").to_dict(),
+                                                              "in_channels": 1, "method": "swinssl"})
+    results = tmp_path / "results"  # not the session's: other tests' reports list every model folder there
+    run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "0", "-tr", "SwinUNETR_Imported_Trainer",
+            "-device", "cpu", env={"nnssl_encoder_file": str(encoder), "nnssl_num_epochs": "1",
+                                   "nnssl_iterations_per_epoch": "1", "nnUNet_results": str(results)})
+    folder = results / ct_task.dataset / "SwinUNETR_Imported_Trainer__nnUNetPlans__3d_fullres"
+    record = json.loads((folder / "plans.json").read_text(encoding="utf-8"))["configurations"]["3d_fullres"]["nnssl"]
+    assert record["pretrained"]["path"] == str(encoder.resolve()) and record["pretrained"]["method"] == "swinssl"
+    assert (folder / "fold_0" / "checkpoint_final.pth").is_file()
+
+
+def test_nnunet_weights_and_biases_switch_works_with_our_trainers(ct_task, tmp_path):
+    pytest.importorskip("wandb", reason="wandb is not installed (pip install wandb); nnU-Net's W&B logger needs it")
+    run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "1", "-tr", "SwinUNETR_Scratch_Trainer",
+            "-device", "cpu", env={"nnUNet_wandb_enabled": "1", "nnUNet_wandb_mode": "offline",
+                                   "nnUNet_wandb_project": "nnssl-test", "nnUNet_results": str(tmp_path / "results"),
+                                   "nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "1"})
+    folder = tmp_path / "results" / ct_task.dataset / "SwinUNETR_Scratch_Trainer__nnUNetPlans__3d_fullres"
+    assert list((folder / "fold_1" / "wandb").glob("offline-run-*")), "no offline W&B run in the fold folder"
+
+
+def test_mic_dkfz_nnssl_beside_ours_is_refused(nnunet_env, tmp_path):
+    # what `pip install` of MIC-DKFZ's nnssl leaves: a distribution declaring its nnssl_train entry point
+    dist = tmp_path / "site" / "nnssl-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: nnssl\nVersion: 0.1\n", encoding="utf-8")
+    (dist / "entry_points.txt").write_text("[console_scripts]\nnnssl_train = nnssl.run.run_training:run_training_entry"
+                                           "\n", encoding="utf-8")
+    path = os.pathsep.join([str(dist.parent), os.environ.get("PYTHONPATH", "")])
+    result = run_cli("nnssl_report", "-o", tmp_path / "r", env={"PYTHONPATH": path}, check=False)
+    assert result.returncode == 2 and "MIC-DKFZ's nnssl" in result.stderr and "nnssl_train" in result.stderr
+
+
+def test_results_folder_in_the_other_nnssl_layout_is_refused(nnunet_env, tmp_path):
+    theirs = tmp_path / "their_results"
+    (theirs / "Dataset745_OpenMind" / "BaseMAETrainer__nnsslPlans__onemmiso").mkdir(parents=True)
+    result = run_cli("nnssl_pretrain", "-m", "simmim", "-d", CORPUS_ID, "-device", "cpu",
+                     env={"nnssl_results": str(theirs)}, check=False)
+    assert result.returncode == 2 and "MIC-DKFZ" in result.stderr and "Dataset745_OpenMind" in result.stderr
+    assert sorted(p.name for p in theirs.iterdir()) == ["Dataset745_OpenMind"]

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from nnssl.analysis import plots
+from nnssl.analysis.provenance_table import SHOWN, provenance_table
 from nnssl.analysis.results import (MANY_SHOT, SCRATCH, UNKNOWN, ModelFolder, dataset_modality, load_fewshot,
                                     method_family, nnssl_trainer_classes, parse_model_folder, shot_setting,
                                     trainer_method)
@@ -339,6 +340,10 @@ def make_report(datasets: Sequence[str] | None = None, output: str | Path = "nns
         "families": family_table(dice_rows),
     }
     tables["problems"] = [row for row in tables["folds"] if row["status"] != FINISHED]
+    tables["provenance"], warnings = provenance_table([r for r in runs if r.status != MISSING], nnunet_results())
+    for warning in warnings:
+        log.warning("%s", warning)
+    notes = warnings + notes
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     for name, rows in tables.items():
@@ -455,6 +460,9 @@ def _markdown(runs: list[FoldRun], tables: dict[str, list[dict]], notes: list[st
          ["family", "shot", "modality", "methods", "tasks", "dice_mean", "average_rank"]),
         ("Missing and unfinished runs", "Every task x method x fold that another method of the task has, "
          "without a validated result.", "problems", ["task", "method", "fold", "shot", "status", "detail"]),
+        ("Provenance", "Software and hardware of the runs per method: fine-tuning from each model folder's "
+         "plans.json, pretraining from the encoder's run folder config.json (distinct values, comma-separated).",
+         "provenance", ["method", "stage", "runs", *SHOWN]),
     ]
     for title, text, name, columns in sections:
         rows = tables[name]
