@@ -16,6 +16,10 @@ environment at the start of a training and saved in the model folder's ``plans.j
 - ``nnssl_lr``: peak learning rate of AdamW (default 1e-4, the SwinUNETR fine-tuning setting); short
   runs such as the demo's learn more with a higher one.
 - ``nnssl_run``: which pretraining run of the method to use (default: the newest finished one).
+- ``nnssl_encoder_file``: the encoder of ``SwinUNETR_Imported_Trainer`` (or ``-pretrained_weights FILE``).
+
+Any other ``nnssl_*`` variable (``nnssl_results`` aside) is an error at the start: a misspelt knob would
+otherwise be ignored (``nnssl_trainers/knobs.py`` lists them).
 
 On the CPU the trainers honour ``OMP_NUM_THREADS`` (nnU-Net itself takes every core), so that
 ``nnssl_benchmark --device cpu --jobs N`` can run N trainings side by side.

@@ -156,7 +156,8 @@ CASES = [
     # nnssl_fewshot
     Case("fewshot-unknown-dataset", "nnssl_fewshot", ["444", "--shots", "1"], "444"),
     Case("fewshot-too-many-shots", "nnssl_fewshot", [CT, "--shots", "50"], "50"),
-    Case("fewshot-not-preprocessed", "nnssl_fewshot", [str(RAW_ONLY_ID), "--shots", "1"], str(RAW_ONLY_ID)),
+    Case("fewshot-not-preprocessed", "nnssl_fewshot", [str(RAW_ONLY_ID), "--shots", "1"],
+         f"nnUNetv2_plan_and_preprocess -d {RAW_ONLY_ID}"),
     Case("fewshot-no-preprocessed-var", "nnssl_fewshot", [CT, "--shots", "1"], "nnUNet_preprocessed",
          env={"nnUNet_preprocessed": None}),
     Case("fewshot-bad-base-fold", "nnssl_fewshot", [CT, "--shots", "1", "--folds", "9"], "9"),
@@ -220,6 +221,12 @@ CASES = [
     Case("train-truncated-weights", "nnUNetv2_train", [CT, "3d_fullres", "2", "-tr", "SwinUNETR_DINO_Trainer",
                                                         "-device", "cpu", "-pretrained_weights", "{tmp}/truncated.pth"],
          "truncated", setup=_truncated_encoder),
+    Case("train-imported-without-encoder", "nnUNetv2_train", [CT, "3d_fullres", "0", "-tr",
+                                                               "SwinUNETR_Imported_Trainer", "-device", "cpu"],
+         "-pretrained_weights FILE, or set nnssl_encoder_file=FILE"),
+    Case("report-dataset-option", "nnssl_report", ["-d", "444", "-o", "{tmp}/r"], "No dataset '444'"),
+    Case("pretrain-missing-plan-file", "nnssl_pretrain", ["-m", "simmim", "-d", "501", "--plan", "{tmp}/my.json"],
+         "--plan {tmp}/my.json does not exist"),
     Case("train-fold-not-in-splits", "nnUNetv2_train", [CT, "3d_fullres", "17", "-tr", "SwinUNETR_Scratch_Trainer",
                                                          "-device", "cpu"], "nnssl_fewshot"),
 ]

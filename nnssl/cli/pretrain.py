@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.method or not (args.datasets or args.print_config):
             parser.error("-m METHOD and -d DATASET are required (or --list-methods)")
+        if args.logger == "tensorboard":
+            from nnssl.pretrain.tracking import require_tensorboard
+
+            require_tensorboard()  # before torch is imported: the answer comes at once
         from nnssl.pretrain.config import resolve_config_with_sources
         from nnssl.pretrain.loop import RunInterrupted, pretrain
 
