@@ -32,6 +32,7 @@ class TaskSpec:
     description: str
     source: dict[str, str]
     options: dict[str, Any] = field(default_factory=dict)  # converter-specific keys of the task entry
+    align: dict[str, Any] = field(default_factory=dict)  # nnssl_align_plans overrides, e.g. {"spacing": [z, y, x]}
 
     @property
     def dataset(self) -> str:
@@ -90,7 +91,7 @@ class Study:
 
 
 _TASK_KEYS = {"dataset_id", "dataset_name", "modality", "converter", "channel_names", "labels", "few_shot",
-              "expected_cases", "description", "source"}
+              "expected_cases", "description", "source", "align"}
 
 
 def load_study(plan: str | Path | None = None) -> Study:
@@ -142,6 +143,6 @@ def _parse_task(key: str, entry: dict[str, Any], source: Path) -> TaskSpec:
         modality=entry["modality"], converter=entry.get("converter", ""),  # none for data made by nnssl itself
         channel_names={str(k): v for k, v in entry["channel_names"].items()}, labels=labels, few_shot=few_shot,
         expected_cases=entry.get("expected_cases"), description=entry.get("description", ""),
-        source=dict(entry.get("source", {})),
+        source=dict(entry.get("source", {})), align=dict(entry.get("align", {})),
         options={k: v for k, v in entry.items() if k not in _TASK_KEYS and not k.startswith("_")},
     )
