@@ -383,7 +383,8 @@ class Pretrainer:
         return {
             "backbone": self.preset.to_dict(), "in_channels": self.corpus.in_channels, "method": self.config.method,
             "patch_size": self.patch_size, "corpus": list(self.corpus.datasets), "spacing": list(self.corpus.spacing),
-            "normalization": list(self.corpus.normalization), "run": self.config.run, "step": self.total_steps,
+            "normalization": list(self.corpus.normalization), "intensity_properties": self.corpus.intensity_properties,
+            "run": self.config.run, "step": self.total_steps,
             "seed": self.config.seed, "source": source,
         }
 
