@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nnssl.align_plans import CORPUS_PLANS
+from nnssl.benchmark.budget import PretrainingProtocol, parse_protocol
 from nnssl.errors import NnsslError
 from nnssl.plans import did_you_mean, load_plan
 
@@ -65,6 +67,12 @@ class Study:
     finetune_env: dict[str, str] = field(default_factory=dict)  # e.g. {"nnssl_num_epochs": "5"}
     num_processes: int | None = None  # worker processes of corpus preparation and nnU-Net planning (None: theirs)
     cka_args: tuple[str, ...] = ()  # extra nnssl_cka options (e.g. --patches-per-case 32)
+    pretraining: PretrainingProtocol = PretrainingProtocol("reference")  # the budget every method gets
+
+    @property
+    def aligned(self) -> bool:
+        """Fine-tuning plans made by nnssl_align_plans (any identifier but nnU-Net's own)."""
+        return self.plans_identifier != CORPUS_PLANS
 
     @property
     def corpus_dataset(self) -> str:
@@ -125,6 +133,7 @@ def _parse(data: dict[str, Any], source: Path) -> Study:
         finetune_env={str(k): str(v) for k, v in data.get("finetune_env", {}).items()},
         num_processes=int(data["num_processes"]) if data.get("num_processes") is not None else None,
         cka_args=tuple(str(a) for a in data["cka"].get("args", [])),
+        pretraining=parse_protocol(data.get("pretraining"), str(source)),
     )
 
 
