@@ -284,7 +284,7 @@ class Pretrainer:
                 row = {"step": done, "epoch": round(done / self.steps_per_epoch, 4), "lr": lr, "weight_decay": wd,
                        "momentum": momentum if momentum is not None else "", **values, **scheduled,
                        "samples_per_s": self.samples_per_step * config.log_every / max(now - tick, 1e-9),
-                       "time": round(time.time(), 2)}
+                       "time": f"{time.time():.2f}"}  # a string: log.csv writes floats with 6 digits
                 tick = now
                 csv_log.append(row)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
