@@ -98,11 +98,12 @@ def _align_one(dataset_id: int, dataset: str, corpus: str, corpus_plans: dict, i
     save_json(plans, plans_file)
     # as nnU-Net's ExperimentPlanner.save_plans: preprocessing and training read dataset.json from here
     shutil.copy(nnunet_raw() / dataset / "dataset.json", folder / "dataset.json")
-    log.info("%s: %s -> %s", dataset, _describe(record), plans_file)
     if preprocess:
         nnunet_preprocess([dataset_id], plans_identifier=identifier, configurations=(CONFIGURATION,),
                           num_processes=(num_processes,))
-    return AlignedTask(dataset, plans_file, record)
+    aligned = AlignedTask(dataset, plans_file, record)
+    log.info("%s", describe(aligned))
+    return aligned
 
 
 def _retarget(plans: dict, dataset_id: int, corpus: str, corpus_plans: dict, override: dict[str, Any]) -> dict:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from nnssl.align_plans import ALIGNED_PLANS, align_plans, describe
+from nnssl.align_plans import ALIGNED_PLANS, align_plans
 from nnssl.cli import setup_logging
 from nnssl.errors import exit_on_user_error
 
@@ -36,10 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
         study = load_study(args.study)
         overrides = {task.dataset_id: task.align for task in study.tasks.values() if task.align}
-        aligned = align_plans(args.datasets, args.corpus or study.corpus_id, args.plans_identifier, overrides,
-                              num_processes=args.num_processes, preprocess=not args.no_pp)
-    for task in aligned:
-        print(describe(task))
+        align_plans(args.datasets, args.corpus or study.corpus_id, args.plans_identifier, overrides,
+                    num_processes=args.num_processes, preprocess=not args.no_pp)
     return 0
 
 
