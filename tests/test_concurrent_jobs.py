@@ -1,0 +1,110 @@
+"""Issue 20: many jobs on one model folder or one dataset at once (as on a cluster) never corrupt shared files.
+
+- 6 fine-tunings of one model folder (different folds) start at the same instant, 5 rounds in a row: all 30
+  succeed, and every read of the shared plans.json made while they run parses.
+- Two nnssl_fewshot processes adding different shot counts at once: every fold of both ends up in
+  splits_final.json and fewshot.json, and no fold is renumbered.
+"""
+import json
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, run_cli
+from nnssl.fewshot import FEWSHOT_FILENAME, SPLITS_FILENAME, add_fewshot_folds
+
+SOAK_FOLDS, SOAK_ROUNDS = 6, 5
+TRAINER = "SwinUNETR_Scratch_Trainer"
+# As small as nnU-Net allows: one epoch of one training and one validation iteration, one thread per job.
+TINY_FINETUNE = {"nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def own_preprocessed(ct_task, tmp_path, monkeypatch) -> Path:
+    """A copy of the CT task's preprocessed data, without its split files, as this test's nnUNet_preprocessed."""
+    root = tmp_path / "preprocessed"
+    shutil.copytree(ct_task.preprocessed, root / ct_task.dataset,
+                    ignore=shutil.ignore_patterns(SPLITS_FILENAME, FEWSHOT_FILENAME, ".*.lock"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(root))
+    return root / ct_task.dataset
+
+
+class PlansReader(threading.Thread):
+    """Reads ``path`` as fast as it can, the way another fold or nnUNetv2_predict would (no retry), and counts."""
+
+    def __init__(self, path: Path):
+        super().__init__(daemon=True)
+        self.path, self.reads, self.failures = path, 0, []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                text = self.path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                time.sleep(0.001)
+                continue
+            self.reads += 1
+            try:
+                json.loads(text)
+            except ValueError as err:
+                self.failures.append(f"{err} ({len(text)} bytes)")
+
+
+def test_six_folds_started_at_once_five_times(ct_task, own_preprocessed, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    monkeypatch.setenv("nnUNet_results", str(results))
+    for key, value in TINY_FINETUNE.items():
+        monkeypatch.setenv(key, value)
+    add_fewshot_folds(ct_task.dataset_id, shots=[1], folds=[0])  # fold 5, so that six folds exist
+    model = results / ct_task.dataset / f"{TRAINER}__nnUNetPlans__3d_fullres"
+    reader = PlansReader(model / "plans.json")
+    reader.start()
+    outcomes = []
+    try:
+        for round_ in range(SOAK_ROUNDS):
+            jobs = [subprocess.Popen([str(BIN / "nnUNetv2_train"), str(ct_task.dataset_id), "3d_fullres", str(fold),
+                                      "-tr", TRAINER, "-device", "cpu"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
+                    for fold in range(SOAK_FOLDS)]
+            for fold, job in enumerate(jobs):
+                _, stderr = job.communicate(timeout=600)
+                outcomes.append((round_, fold, job.returncode, stderr[-2000:]))
+    finally:
+        reader.stop.set()
+        reader.join()
+    failed = [o for o in outcomes if o[2] != 0]
+    assert len(outcomes) == SOAK_FOLDS * SOAK_ROUNDS and not failed, failed
+    for fold in range(SOAK_FOLDS):
+        assert (model / f"fold_{fold}" / "checkpoint_final.pth").is_file()
+    assert reader.reads > 0 and reader.failures == [], f"{len(reader.failures)} of {reader.reads} reads failed"
+    assert json.loads((model / "plans.json").read_text())["configurations"]["3d_fullres"]["nnssl"]["num_epochs"] == 1
+
+
+def test_two_fewshot_processes_at_once_keep_every_fold(ct_task, own_preprocessed):
+    commands = [[str(BIN / "nnssl_fewshot"), str(ct_task.dataset_id), "--shots", shots] for shots in ("1", "2")]
+    jobs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    outputs = [job.communicate(timeout=300) for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outputs
+    splits = json.loads((own_preprocessed / SPLITS_FILENAME).read_text())
+    table = json.loads((own_preprocessed / FEWSHOT_FILENAME).read_text())["folds"]
+    assert len(splits) == 15 and sorted(map(int, table)) == list(range(5, 15))
+    assert sorted((v["shots"], v["base_fold"]) for v in table.values()) == [(n, b) for n in (1, 2) for b in range(5)]
+    for fold, entry in table.items():  # every fold holds what fewshot.json says, under the id it was given
+        assert len(splits[int(fold)]["train"]) == entry["shots"]
+        assert set(splits[int(fold)]["train"]) <= set(splits[entry["base_fold"]]["train"])
+    # each process reported the folds it added; whichever ran second numbered its folds after the first's
+    reported = {}
+    for stdout, _ in outputs:
+        for line in stdout.splitlines()[1:]:
+            fold, base, shots = map(int, line.split()[:3])
+            reported[fold] = (base, shots)
+    assert reported == {int(k): (v["base_fold"], v["shots"]) for k, v in table.items()}
+    # and running both again adds and renumbers nothing
+    again = run_cli("nnssl_fewshot", ct_task.dataset_id, "--shots", "2", "1")
+    assert "added" not in again.stdout
+    assert json.loads((own_preprocessed / SPLITS_FILENAME).read_text()) == splits
