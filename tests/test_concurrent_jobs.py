@@ -8,6 +8,7 @@
 import json
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,6 +34,38 @@ def own_preprocessed(ct_task, tmp_path, monkeypatch) -> Path:
     return root / ct_task.dataset
 
 
+# Starts nnU-Net's own nnUNetv2_train entry point in N processes forked at the same instant from one interpreter that
+# has imported nnU-Net and our trainers once (an interpreter start per job would cost more than the training).
+FORK_TRAININGS = """
+import json, os, sys, traceback
+from nnunetv2.run.run_training import run_training_entry
+import nnssl_trainers.swinunetr  # noqa: F401  (imported once, before forking)
+
+jobs, logs = json.loads(sys.argv[1]), sys.argv[2]
+pids = []
+for i, argv in enumerate(jobs):
+    pid = os.fork()
+    if pid == 0:
+        out = os.open(os.path.join(logs, f"job_{i}.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        sys.argv, code = ["nnUNetv2_train", *argv], 1
+        try:
+            run_training_entry()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    pids.append(pid)
+print(json.dumps([os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]))
+"""
+
+
 class PlansReader(threading.Thread):
     """Reads ``path`` as fast as it can, the way another fold or nnUNetv2_predict would (no retry), and counts."""
 
@@ -53,6 +86,7 @@ class PlansReader(threading.Thread):
                 json.loads(text)
             except ValueError as err:
                 self.failures.append(f"{err} ({len(text)} bytes)")
+            time.sleep(0.001)  # leave the trainings the CPU
 
 
 def test_six_folds_started_at_once_five_times(ct_task, own_preprocessed, tmp_path, monkeypatch):
@@ -62,49 +96,60 @@ def test_six_folds_started_at_once_five_times(ct_task, own_preprocessed, tmp_pat
         monkeypatch.setenv(key, value)
     add_fewshot_folds(ct_task.dataset_id, shots=[1], folds=[0])  # fold 5, so that six folds exist
     model = results / ct_task.dataset / f"{TRAINER}__nnUNetPlans__3d_fullres"
+    jobs = [[str(ct_task.dataset_id), "3d_fullres", str(fold), "-tr", TRAINER, "-device", "cpu"]
+            for fold in range(SOAK_FOLDS)]
     reader = PlansReader(model / "plans.json")
     reader.start()
-    outcomes = []
+    import resource; r0 = resource.getrusage(resource.RUSAGE_CHILDREN); t0 = time.time()
+    codes = []
     try:
         for round_ in range(SOAK_ROUNDS):
-            jobs = [subprocess.Popen([str(BIN / "nnUNetv2_train"), str(ct_task.dataset_id), "3d_fullres", str(fold),
-                                      "-tr", TRAINER, "-device", "cpu"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
-                    for fold in range(SOAK_FOLDS)]
-            for fold, job in enumerate(jobs):
-                _, stderr = job.communicate(timeout=600)
-                outcomes.append((round_, fold, job.returncode, stderr[-2000:]))
+            logs = tmp_path / f"round_{round_}"
+            logs.mkdir()
+            launched = subprocess.run([sys.executable, "-c", FORK_TRAININGS, json.dumps(jobs), str(logs)],
+                                      capture_output=True, text=True, timeout=900)
+            assert launched.returncode == 0, launched.stderr[-3000:]
+            codes += json.loads(launched.stdout.splitlines()[-1])
+            failed = {p.name: p.read_text()[-2000:] for p, c in zip(sorted(logs.iterdir()), codes[-SOAK_FOLDS:]) if c}
+            assert not failed, f"round {round_}: {failed}"
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            print(f"MEASURE round {round_}: children cpu {r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime:.1f}s wall {time.time() - t0:.1f}s reads {reader.reads}", flush=True)
     finally:
         reader.stop.set()
         reader.join()
-    failed = [o for o in outcomes if o[2] != 0]
-    assert len(outcomes) == SOAK_FOLDS * SOAK_ROUNDS and not failed, failed
+    assert codes == [0] * SOAK_FOLDS * SOAK_ROUNDS
     for fold in range(SOAK_FOLDS):
         assert (model / f"fold_{fold}" / "checkpoint_final.pth").is_file()
     assert reader.reads > 0 and reader.failures == [], f"{len(reader.failures)} of {reader.reads} reads failed"
     assert json.loads((model / "plans.json").read_text())["configurations"]["3d_fullres"]["nnssl"]["num_epochs"] == 1
 
 
-def test_two_fewshot_processes_at_once_keep_every_fold(ct_task, own_preprocessed):
-    commands = [[str(BIN / "nnssl_fewshot"), str(ct_task.dataset_id), "--shots", shots] for shots in ("1", "2")]
+def test_two_fewshot_processes_at_once_keep_every_fold(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    dataset = tmp_path / "Dataset124_Toy"
+    dataset.mkdir()
+    cases = [f"case_{i:02d}" for i in range(20)]
+    splits = [{"train": [c for i, c in enumerate(cases) if i % 5 != k], "val": cases[k::5]} for k in range(5)]
+    (dataset / SPLITS_FILENAME).write_text(json.dumps(splits, indent=4))
+    commands = [[str(BIN / "nnssl_fewshot"), "124", "--shots", shots] for shots in ("1", "5")]
     jobs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
     outputs = [job.communicate(timeout=300) for job in jobs]
     assert [job.returncode for job in jobs] == [0, 0], outputs
-    splits = json.loads((own_preprocessed / SPLITS_FILENAME).read_text())
-    table = json.loads((own_preprocessed / FEWSHOT_FILENAME).read_text())["folds"]
+    splits = json.loads((dataset / SPLITS_FILENAME).read_text())
+    table = json.loads((dataset / FEWSHOT_FILENAME).read_text())["folds"]
     assert len(splits) == 15 and sorted(map(int, table)) == list(range(5, 15))
-    assert sorted((v["shots"], v["base_fold"]) for v in table.values()) == [(n, b) for n in (1, 2) for b in range(5)]
+    assert sorted((v["shots"], v["base_fold"]) for v in table.values()) == [(n, b) for n in (1, 5) for b in range(5)]
     for fold, entry in table.items():  # every fold holds what fewshot.json says, under the id it was given
         assert len(splits[int(fold)]["train"]) == entry["shots"]
         assert set(splits[int(fold)]["train"]) <= set(splits[entry["base_fold"]]["train"])
-    # each process reported the folds it added; whichever ran second numbered its folds after the first's
+        assert splits[int(fold)]["val"] == splits[entry["base_fold"]]["val"]
+    # what each process reported is what the files hold: whichever ran second numbered its folds after the first's
     reported = {}
     for stdout, _ in outputs:
         for line in stdout.splitlines()[1:]:
             fold, base, shots = map(int, line.split()[:3])
             reported[fold] = (base, shots)
     assert reported == {int(k): (v["base_fold"], v["shots"]) for k, v in table.items()}
-    # and running both again adds and renumbers nothing
-    again = run_cli("nnssl_fewshot", ct_task.dataset_id, "--shots", "2", "1")
+    again = run_cli("nnssl_fewshot", "124", "--shots", "5", "1")  # adds and renumbers nothing
     assert "added" not in again.stdout
-    assert json.loads((own_preprocessed / SPLITS_FILENAME).read_text()) == splits
+    assert json.loads((dataset / SPLITS_FILENAME).read_text()) == splits
