@@ -100,7 +100,6 @@ def test_six_folds_started_at_once_five_times(ct_task, own_preprocessed, tmp_pat
             for fold in range(SOAK_FOLDS)]
     reader = PlansReader(model / "plans.json")
     reader.start()
-    import resource; r0 = resource.getrusage(resource.RUSAGE_CHILDREN); t0 = time.time()
     codes = []
     try:
         for round_ in range(SOAK_ROUNDS):
@@ -112,8 +111,6 @@ def test_six_folds_started_at_once_five_times(ct_task, own_preprocessed, tmp_pat
             codes += json.loads(launched.stdout.splitlines()[-1])
             failed = {p.name: p.read_text()[-2000:] for p, c in zip(sorted(logs.iterdir()), codes[-SOAK_FOLDS:]) if c}
             assert not failed, f"round {round_}: {failed}"
-            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            print(f"MEASURE round {round_}: children cpu {r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime:.1f}s wall {time.time() - t0:.1f}s reads {reader.reads}", flush=True)
     finally:
         reader.stop.set()
         reader.join()
