@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -31,6 +32,9 @@ LOCK_WAIT_S = 120.0  # how long an update waits for another process holding the 
 # Directory fsync is not supported everywhere (some network and FUSE filesystems); there the rename is as
 # durable as the filesystem makes it.
 _FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EISDIR}
+_LOCKS_UNSUPPORTED = {errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -110,13 +114,7 @@ def locked(path: str | os.PathLike, wait_s: float = LOCK_WAIT_S) -> Iterator[Non
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + wait_s
     try:
-        while True:
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as err:
-                if err.errno not in (errno.EACCES, errno.EAGAIN):
-                    raise
+        while not try_lock(fd, lock_path):
             if time.monotonic() > deadline:
                 raise NnsslError(f"Another process has held the lock on {path} ({lock_path}) for more than "
                                  f"{wait_s:.0f} s. Wait for it to finish, or stop it, and run the command again.")
@@ -124,6 +122,23 @@ def locked(path: str | os.PathLike, wait_s: float = LOCK_WAIT_S) -> Iterator[Non
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def try_lock(fd: int, lock_path: Path) -> bool:
+    """Take an exclusive ``lockf`` lock on ``fd`` without waiting; False when another process holds it.
+
+    On a filesystem without locks (ENOLCK: e.g. NFS without its lock manager) it warns and returns True.
+    """
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EACCES, errno.EAGAIN):
+            return False
+        if err.errno not in _LOCKS_UNSUPPORTED:
+            raise
+        log.warning("the filesystem of %s does not support locks (%s): going on without one", lock_path,
+                    errno.errorcode[err.errno])
+    return True
 
 
 def write_torch(obj: Any, path: Path) -> None:

@@ -14,8 +14,6 @@ Two layers, because a cluster's shared filesystem may not honour kernel locks:
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
 import socket
@@ -26,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from nnssl.errors import NnsslError
-from nnssl.io import load_json, save_json
+from nnssl.io import load_json, save_json, try_lock
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +90,12 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
+        if not try_lock(fd, self.path):
             os.close(fd)
-            if err.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
             owner = self._read_owner()
             who = f"pid {owner['pid']} on host {owner['host']}" if owner else "another process"
             raise NnsslError(f"Run folder {self.folder} is in use by {who} (it holds {self.path}). Wait for it to "
-                             f"finish, stop it, or choose another --run NAME.") from None
+                             f"finish, stop it, or choose another --run NAME.")
         self._fd = fd
         try:
             self._claim()
