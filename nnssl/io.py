@@ -75,14 +75,26 @@ def disk_errors(path: str | os.PathLike) -> Iterator[None]:
     """Turn a full or failing disk while writing ``path`` into an NnsslError naming it and the free space."""
     try:
         yield
-    except OSError as err:
-        if err.errno not in DISK_ERRORS:
+    except Exception as raised:
+        err = _disk_error_in(raised)
+        if err is None:
             raise
         path = Path(path)
         raise NnsslError(f"Could not write {path}: {DISK_ERRORS[err.errno]} ({errno.errorcode[err.errno]}); "
                          f"{_free_space(path.parent)} free on its filesystem. The previous {path.name}, if there "
                          f"was one, is unchanged. Free some space (or fix the disk) and run the command again; a "
                          f"pretraining continues with --resume, an nnU-Net training with --c.") from None
+
+
+def _disk_error_in(raised: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT/EIO behind ``raised``: itself, or one it was raised while handling (torch's zip writer
+    answers a failed write with a RuntimeError of its own when it closes)."""
+    seen: BaseException | None = raised
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_ERRORS:
+            return seen
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+    return None
 
 
 def _free_space(folder: Path) -> str:

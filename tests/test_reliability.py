@@ -175,10 +175,10 @@ def test_resume_says_when_the_checkpoint_is_older_than_the_log(tmp_path, caplog)
 # -- full disks ----------------------------------------------------------------------------------------------------
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 64 MiB tmpfs mounted for the test (needs root; CI runs as root and must not skip)."""
+    """A 256 MiB tmpfs mounted for the test (needs root; CI runs as root and must not skip)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True,
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount)], capture_output=True,
                           text=True) if shutil.which("mount") else None
     if made is None or made.returncode != 0:
         reason = f"cannot mount a tmpfs ({made.stderr.strip() if made else 'no mount command'}); needs root"
@@ -208,7 +208,7 @@ def test_full_disk_keeps_the_previous_results_file(small_disk):
 def test_full_disk_during_a_checkpoint_stops_the_run_and_keeps_the_last_one(pretrain_corpus, small_disk, tmp_path):
     env = {"nnssl_results": str(small_disk)}
     command = [str(BIN / "nnssl_pretrain"), "-m", "simmim", "-d", str(CORPUS_ID), *TINY_PRETRAIN, "--epochs", "1",
-               "--steps-per-epoch", "40", "--run", "full", "--plans-override", "checkpoint_every=10"]
+               "--steps-per-epoch", "8", "--run", "full", "--plans-override", "checkpoint_every=2"]
     process = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     latest = small_disk / "simmim" / "full" / "checkpoint_latest.pth"
@@ -216,11 +216,11 @@ def test_full_disk_during_a_checkpoint_stops_the_run_and_keeps_the_last_one(pret
     while not latest.is_file():
         assert process.poll() is None and time.time() < deadline, process.communicate()
         time.sleep(0.01)
-    _fill(small_disk, leave=latest.stat().st_size // 2)  # room for log rows, not for the step-20 checkpoint
+    _fill(small_disk, leave=latest.stat().st_size // 2)  # room for log rows, not for the step-4 checkpoint
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 2, stderr
     assert f"Could not write {latest}: no space left (ENOSPC)" in stderr and "free on its filesystem" in stderr
     assert "Traceback" not in stderr
     state = torch.load(latest, map_location="cpu", weights_only=False)
-    assert state["step"] == 10
+    assert state["step"] == 2
     assert not list(latest.parent.glob(".*.tmp"))
