@@ -6,7 +6,9 @@
   splits_final.json and fewshot.json, and no fold is renumbered.
 """
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -105,10 +107,17 @@ def test_six_folds_started_at_once_five_times(ct_task, own_preprocessed, tmp_pat
         for round_ in range(SOAK_ROUNDS):
             logs = tmp_path / f"round_{round_}"
             logs.mkdir()
-            launched = subprocess.run([sys.executable, "-c", FORK_TRAININGS, json.dumps(jobs), str(logs)],
-                                      capture_output=True, text=True, timeout=900)
-            assert launched.returncode == 0, launched.stderr[-3000:]
-            codes += json.loads(launched.stdout.splitlines()[-1])
+            launcher = subprocess.Popen([sys.executable, "-c", FORK_TRAININGS, json.dumps(jobs), str(logs)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        start_new_session=True)
+            try:
+                stdout, stderr = launcher.communicate(timeout=900)
+            finally:
+                if launcher.poll() is None:  # timed out: no training may outlive the test
+                    os.killpg(launcher.pid, signal.SIGKILL)
+                    launcher.wait()
+            assert launcher.returncode == 0, stderr[-3000:]
+            codes += json.loads(stdout.splitlines()[-1])
             failed = {p.name: p.read_text()[-2000:] for p, c in zip(sorted(logs.iterdir()), codes[-SOAK_FOLDS:]) if c}
             assert not failed, f"round {round_}: {failed}"
     finally:
