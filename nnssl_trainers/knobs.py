@@ -9,7 +9,7 @@ import math
 import os
 
 from nnssl.errors import NnsslError
-from nnssl.plans import did_you_mean
+from nnssl.plans import ENCODER_CHOICES, did_you_mean, finetune_encoder
 
 KNOBS: dict[str, str] = {
     "nnssl_backbone": "Swin preset of trainers without a pretrained encoder (paper, monai, tiny)",
@@ -18,8 +18,8 @@ KNOBS: dict[str, str] = {
     "nnssl_save_every": "epochs between checkpoint_latest.pth writes",
     "nnssl_lr": "peak AdamW learning rate",
     "nnssl_run": "which pretraining run of the method the trainer uses",
-    "nnssl_seed": "seed of the training",
-    "nnssl_encoder": "which encoder of a pretraining run to fine-tune",
+    "nnssl_encoder": "which encoder of the pretraining run fine-tunes: student or teacher",
+    "nnssl_seed": "seed of Python, NumPy, torch and the data-augmentation workers",
     "nnssl_checkpointing": "gradient checkpointing of the Swin encoder",
     "nnssl_encoder_file": "encoder file of SwinUNETR_Imported_Trainer (instead of -pretrained_weights)",
 }
@@ -50,3 +50,14 @@ def check_environment() -> None:
         hints = " ".join(f"{name}:{did_you_mean(name, known) or ' no close match.'}" for name in unknown)
         raise NnsslError(f"Unknown nnssl environment variable(s) {unknown}; nnssl's trainers would ignore them. "
                          f"{hints} Known: {', '.join(known)}. Unset the variable (unset NAME) or fix its name.")
+
+
+def chosen_encoder(method: str) -> tuple[str, str]:
+    """Which encoder of a ``method``'s run fine-tunes ("student" or "teacher") and who chose it: ``nnssl_encoder``,
+    else the method plan's ``finetune_encoder``."""
+    value = os.environ.get("nnssl_encoder", "")
+    if value:
+        if value not in ENCODER_CHOICES:
+            raise NnsslError(f"Environment variable nnssl_encoder={value!r} must be one of {list(ENCODER_CHOICES)}.")
+        return value, "nnssl_encoder"
+    return finetune_encoder(method), f"plans/pretrain/{method}.json finetune_encoder"

@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="csv: log.csv only (default); tensorboard: TensorBoard event files in the run folder "
                              "as well (pip install 'nnssl[tensorboard]'; view with tensorboard --logdir "
                              "$nnssl_results)")
+    parser.add_argument("--force-unlock", action="store_true",
+                        help="take the run folder over from an owner that looks alive (run.owner.json): for when "
+                             "you know that process is gone, e.g. its node crashed less than 5 minutes ago")
     parser.add_argument("--plans-override", nargs="+", default=[], metavar="KEY=VALUE",
                         help="any setting of plans/pretrain/<method>.json, e.g. grad_clip=1.0 method.mask_ratio=0.6")
     parser.add_argument("--print-config", action="store_true",
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             print(settings_table(config, sources))
             return 0
         try:
-            result = pretrain(config, resume=args.resume)
+            result = pretrain(config, resume=args.resume, force_unlock=args.force_unlock)
         except RunInterrupted as stop:
             print(f"nnssl_pretrain: {stop}", file=sys.stderr)
             return 128 + stop.signal_number
