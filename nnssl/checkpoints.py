@@ -23,11 +23,12 @@ from torch import Tensor, nn
 from nnssl.errors import NnsslError
 from nnssl.io import save_torch
 from nnssl.networks.presets import BackbonePreset
-from nnssl.networks.swin import ENCODER_PREFIX
+from nnssl.networks.swin import ENCODER_PREFIX, SwinEncoder, build_encoder
 
 ENCODER_FORMAT = "nnssl-encoder"
 ENCODER_VERSION = 1
 ENCODER_FILENAME = "encoder_final.pth"
+TEACHER_ENCODER_FILENAME = "encoder_teacher_final.pth"  # methods with an EMA teacher save its encoder too
 RUN_ENV = "nnssl_run"  # names the run a fine-tuning trainer takes instead of the newest one
 PATCH_EMBED_KEY = ENCODER_PREFIX + "patch_embed.proj.weight"
 
@@ -125,6 +126,34 @@ def find_encoder_checkpoint(method: str, results_root: Path) -> Path:
             f"or pass a file with: nnUNetv2_train ... -pretrained_weights /path/to/{ENCODER_FILENAME}"
         )
     return found[-1]
+
+
+def run_encoder_file(folder: Path, method: str) -> Path:
+    """The encoder file of a finished run folder that fine-tuning and probing use for ``method``: the teacher's
+    where :func:`nnssl.plans.finetune_encoder` says so (DINO, iBOT), else the student's."""
+    from nnssl.plans import finetune_encoder
+
+    student = folder / ENCODER_FILENAME
+    if not student.is_file():
+        raise NnsslError(f"{folder} has no {ENCODER_FILENAME}: the run is unfinished. Continue it with "
+                         f"nnssl_pretrain -m {method} -d <corpus dataset id> --run {folder.name} --resume")
+    if finetune_encoder(method) == "student":
+        return student
+    teacher = folder / TEACHER_ENCODER_FILENAME
+    if not teacher.is_file():
+        raise NnsslError(f"'{method}' encoders are used as the teacher (plans/pretrain/{method}.json: finetune_encoder), "
+                         f"but {folder} has no {TEACHER_ENCODER_FILENAME}. Re-run the pretraining's final step: "
+                         f"nnssl_pretrain -m {method} -d <corpus dataset id> --run {folder.name} --resume")
+    return teacher
+
+
+def build_pretrained_encoder(checkpoint: EncoderCheckpoint, in_channels: int) -> SwinEncoder:
+    """The checkpoint's Swin encoder for ``in_channels`` inputs (patch embedding adapted as in fine-tuning,
+    :func:`adapt_patch_embedding`), in eval mode."""
+    holder = nn.Module()  # exposes the encoder as ``swinViT``, the key prefix the loader expects
+    holder.swinViT = build_encoder(checkpoint.preset, in_channels=in_channels)
+    load_encoder_weights(holder, checkpoint)
+    return holder.swinViT.eval()
 
 
 def adapt_patch_embedding(weight: Tensor, in_channels: int) -> Tensor:
