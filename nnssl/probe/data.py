@@ -38,7 +38,7 @@ class ProbeCases:
     shots: int | None = None
     configuration: str = "3d_fullres"
     plans: str = "nnUNetPlans"
-    patches_per_case: int = 4
+    patches_per_case: int = 2
     voxels_per_patch: int = 2048
     seed: int = 0  # few-shot case choice (as nnssl_fewshot --seed) and patch positions
 
