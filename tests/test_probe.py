@@ -14,7 +14,9 @@ import torch
 from torch.nn import functional as F
 
 from conftest import pretrain_run, run_cli
+from nnssl.analysis.probe_table import probe_tables, read_probes
 from nnssl.checkpoints import save_encoder
+from nnssl.io import save_json
 from nnssl.networks import get_preset
 from nnssl.networks.swin import build_encoder
 from nnssl.probe.data import ProbeCases, load_probe_data
@@ -37,6 +39,22 @@ def test_probe_classifier_is_a_1x1x1_convolution_over_upsampled_concatenated_fea
     rows = probe.linear(voxel_features(features, voxels, size)).reshape(2, 3, 4)
     expected = torch.stack([reference[b][:, voxels[b, :, 0], voxels[b, :, 1], voxels[b, :, 2]].T for b in range(2)])
     torch.testing.assert_close(rows, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_report_sets_probe_dice_beside_finetuning_dice_with_their_rank_correlation(tmp_path):
+    # probe ranks 1-2-3-4, fine-tuning ranks 1-2-4-3: Spearman rho = 1 - 6 * 2 / (4 * 15) = 0.8
+    probes = {"random": 0.1, "simclr": 0.2, "dino": 0.3, "smit": 0.4}
+    for method, dice in probes.items():
+        save_json({"format": "nnssl-probe", "task": {"dataset": "Dataset511_BTCV"},
+                   "encoder": {"method": method, "mean_dice": dice}}, tmp_path / method / "probe.json")
+    finetuned = {"scratch": 0.5, "simclr": 0.6, "dino": 0.8, "smit": 0.7}
+    dice_rows = [{"task": "Dataset511_BTCV", "shot": "all", "method": m, "dice_mean": d} for m, d in finetuned.items()]
+    dice_rows.append({"task": "Dataset003_Liver", "shot": "all", "method": "smit", "dice_mean": 0.9})  # not probed
+    rows, correlations = probe_tables(dice_rows, read_probes(tmp_path))
+    assert [(r["method"], r["probe_dice"], r["finetune_dice"]) for r in rows] == [
+        ("scratch", 0.1, 0.5), ("simclr", 0.2, 0.6), ("dino", 0.3, 0.8), ("smit", 0.4, 0.7)]
+    assert len(correlations) == 1 and correlations[0]["methods"] == 4
+    assert correlations[0]["spearman_rho"] == pytest.approx(0.8)
 
 
 def _supervised_encoder(task_id: int, path, steps: int = 40):

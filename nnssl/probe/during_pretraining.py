@@ -64,7 +64,10 @@ class PretrainProbe:
 
     def probe(self, method: SSLMethod) -> ProbeStep:
         start = time.perf_counter()
-        dice = probe_encoder(self.encoder(method), self.data, self.settings, self.device, progress=False)["mean_dice"]
+        # the probe seeds its classifier; the run's own random stream must continue as if it had not probed
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            result = probe_encoder(self.encoder(method), self.data, self.settings, self.device, progress=False)
+        dice = result["mean_dice"]
         seconds = time.perf_counter() - start
         self.spent, self.count, self.last_cost = self.spent + seconds, self.count + 1, seconds
         return ProbeStep(0.0 if dice is None else dice, seconds)
