@@ -12,7 +12,7 @@ from monai.losses import ContrastiveLoss
 from nnssl.errors import NnsslError
 from nnssl.losses.contrastive import byol_loss, infonce_loss, ntxent_loss
 from nnssl.losses.rotation import ROTATION_CLASSES, rotation_labels, rotation_loss
-from nnssl.methods.base import ViewSpec
+from nnssl.data.spec import ViewSpec
 from nnssl.methods.registry import build_method, get_method, list_methods
 from nnssl.networks import build_encoder, get_preset
 from nnssl.networks.heads import SwinSSLDecoder, update_momentum

@@ -11,7 +11,7 @@ from nnssl.data.views import ViewMaker, block_mask
 from nnssl.errors import NnsslError
 from nnssl.losses.distillation import (collapse_stats, dino_loss, masked_token_distillation_loss, token_mask,
                                        updated_center)
-from nnssl.methods.base import ViewSpec
+from nnssl.data.spec import ViewSpec
 from nnssl.methods.registry import build_method, method_defaults
 from nnssl.networks import build_encoder, get_preset
 from nnssl.networks.heads import update_momentum

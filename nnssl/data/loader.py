@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from nnssl.data.views import ViewMaker
 from nnssl.errors import NnsslError
 from nnssl.io import load_json
-from nnssl.methods.base import ViewSpec
+from nnssl.data.spec import ViewSpec
 from nnssl.paths import dataset_folder, nnunet_preprocessed
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from torch import Tensor
 
 from nnssl.errors import NnsslError
-from nnssl.methods.base import MaskSpec, ViewSpec
+from nnssl.data.spec import MaskSpec, ViewSpec
 
 ROTATION_PLANES = ((1, 2), (0, 2), (0, 1))  # spatial axes rotated about axis 0, 1, 2 (axis 0: axial plane)
 

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from nnssl.errors import NnsslError
 from nnssl.losses.contrastive import byol_loss
-from nnssl.methods.base import SSLMethod, ViewSpec
+from nnssl.data.spec import ViewSpec
+from nnssl.methods.base import SSLMethod
 from nnssl.methods.registry import register_method
 from nnssl.methods.simclr import CONTRASTIVE_VIEWS
 from nnssl.networks.heads import MLPHead, PooledEncoder, frozen_copy

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from nnssl.errors import NnsslError
 from nnssl.losses.distillation import (collapse_stats, dino_loss, teacher_probabilities, updated_center,
                                        validate_momentum, validate_temperature)
-from nnssl.methods.base import SSLMethod, ViewSpec
+from nnssl.data.spec import ViewSpec
+from nnssl.methods.base import SSLMethod
 from nnssl.methods.registry import register_method
 from nnssl.networks.heads import DINOHead, frozen_copy
 from nnssl.networks.swin import SwinEncoder, global_pool

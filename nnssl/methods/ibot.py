@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from nnssl.errors import NnsslError
 from nnssl.losses.distillation import dino_loss, masked_token_distillation_loss, token_mask
-from nnssl.methods.base import MaskSpec, ViewSpec
+from nnssl.data.spec import MaskSpec, ViewSpec
 from nnssl.methods.dino import SelfDistillationMethod, as_pair
 from nnssl.methods.registry import register_method
 from nnssl.networks.heads import DINOHead

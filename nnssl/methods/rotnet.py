@@ -6,7 +6,8 @@ from typing import Literal
 from torch import Tensor, nn
 
 from nnssl.losses.rotation import ROTATION_CLASSES, check_rotation_axes, rotation_labels, rotation_loss
-from nnssl.methods.base import SSLMethod, ViewSpec
+from nnssl.data.spec import ViewSpec
+from nnssl.methods.base import SSLMethod
 from nnssl.methods.registry import register_method
 from nnssl.networks.heads import PooledEncoder
 from nnssl.networks.swin import SwinEncoder

@@ -5,7 +5,8 @@ import torch
 from torch import Tensor, nn
 
 from nnssl.losses.contrastive import check_temperature, ntxent_loss
-from nnssl.methods.base import SSLMethod, ViewSpec
+from nnssl.data.spec import ViewSpec
+from nnssl.methods.base import SSLMethod
 from nnssl.methods.registry import register_method
 from nnssl.networks.heads import MLPHead, PooledEncoder
 from nnssl.networks.swin import SwinEncoder

@@ -5,7 +5,8 @@ import torch
 from torch import Tensor, nn
 
 from nnssl.losses.reconstruction import masked_l1, upsample_mask
-from nnssl.methods.base import MaskSpec, SSLMethod, ViewSpec
+from nnssl.data.spec import MaskSpec, ViewSpec
+from nnssl.methods.base import SSLMethod
 from nnssl.methods.registry import register_method
 from nnssl.networks.heads import ReconstructionHead
 from nnssl.networks.swin import SwinEncoder

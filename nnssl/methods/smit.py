@@ -7,7 +7,7 @@ from typing import Sequence
 from torch import Tensor
 
 from nnssl.losses.reconstruction import masked_l1, upsample_mask
-from nnssl.methods.base import ViewSpec
+from nnssl.data.spec import ViewSpec
 from nnssl.methods.ibot import MaskedSelfDistillationMethod
 from nnssl.methods.registry import register_method
 from nnssl.networks.heads import ReconstructionHead

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from nnssl.errors import NnsslError
 from nnssl.losses.contrastive import check_temperature, ntxent_loss
 from nnssl.losses.rotation import ROTATION_CLASSES, rotation_loss
-from nnssl.methods.base import SSLMethod, ViewSpec
+from nnssl.data.spec import ViewSpec
+from nnssl.methods.base import SSLMethod
 from nnssl.methods.registry import register_method
 from nnssl.networks.heads import SwinSSLDecoder
 from nnssl.networks.swin import SwinEncoder

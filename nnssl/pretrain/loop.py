@@ -34,7 +34,7 @@ from nnssl.methods.registry import build_method, get_method
 from nnssl.networks import BackbonePreset, build_encoder, get_preset
 from nnssl.networks.heads import update_momentum
 from nnssl.paths import nnssl_results
-from nnssl.pretrain import distributed
+from nnssl import collectives
 from nnssl.pretrain.config import PretrainConfig
 from nnssl.pretrain.run_folder import (FINAL, CsvLog, RunLock, latest_good_checkpoint, plot_progress,
                                        save_checkpoint)
@@ -132,7 +132,7 @@ class Pretrainer:
         self.resume = resume
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.device = self._setup_device()
-        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.rank, self.world_size = collectives.rank(), collectives.world_size()
         self.main = self.rank == 0
         get_method(config.method)  # unknown method: fail before touching any folder
         self.preset: BackbonePreset = get_preset(config.backbone)
@@ -148,7 +148,7 @@ class Pretrainer:
     def _setup_device(self) -> torch.device:
         if self.config.device == "cuda" and not torch.cuda.is_available():
             raise NnsslError("CUDA is not available on this machine; pretrain on the CPU with --device cpu.")
-        if self.distributed and not distributed.is_distributed():
+        if self.distributed and not collectives.is_distributed():
             backend = "nccl" if self.config.device == "cuda" else "gloo"
             dist.init_process_group(backend=backend)
         if self.config.device == "cuda":
@@ -405,5 +405,5 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> RunResult:
     try:
         return trainer.run()
     finally:
-        if distributed.is_distributed():
+        if collectives.is_distributed():
             dist.destroy_process_group()
