@@ -30,6 +30,7 @@ class SSLMethod(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    trainer: ClassVar[str] = ""  # the nnU-Net trainer class fine-tuning its encoders (set by register_method)
     family: ClassVar[str] = ""
     description: ClassVar[str] = ""
     momentum: float | None = None

@@ -16,7 +16,7 @@ from nnssl.networks.heads import MLPHead, PooledEncoder, frozen_copy
 from nnssl.networks.swin import SwinEncoder
 
 
-@register_method("byol")
+@register_method("byol", trainer="SwinUNETR_BYOL_Trainer")
 class BYOL(SSLMethod):
     """BYOL: the online network (encoder + projector) and a predictor regress the EMA target network's
     projection of the other view with ``2 - 2 cos``, symmetrised over the two views; no negatives.

@@ -131,7 +131,7 @@ def as_pair(values: Sequence[float], name: str, method: str) -> tuple[float, flo
     return pair  # type: ignore[return-value]
 
 
-@register_method("dino")
+@register_method("dino", trainer="SwinUNETR_DINO_Trainer")
 class DINO(SelfDistillationMethod):
     """DINO: the student matches the centered, sharpened output of an EMA teacher across views.
 

@@ -90,7 +90,7 @@ class MaskedSelfDistillationMethod(SelfDistillationMethod):
         return loss, self._update_center("global", teacher)
 
 
-@register_method("ibot")
+@register_method("ibot", trainer="SwinUNETR_iBOT_Trainer")
 class IBOT(MaskedSelfDistillationMethod):
     """iBOT: DINO's loss on the global representation plus masked image modeling with an online tokenizer,
     i.e. self-distillation of the teacher's patch tokens (full view) into the student's masked patch tokens

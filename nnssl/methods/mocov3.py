@@ -10,7 +10,7 @@ from nnssl.networks.heads import MLPHead
 from nnssl.networks.swin import SwinEncoder
 
 
-@register_method("mocov3")
+@register_method("mocov3", trainer="SwinUNETR_MoCoV3_Trainer")
 class MoCoV3(BYOL):
     """MoCo v3: a query encoder (encoder + projector) and predictor; a momentum key encoder (the EMA
     copy of encoder + projector, ``momentum`` 0.99 raised to 1 on a cosine schedule by the loop);

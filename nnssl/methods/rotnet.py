@@ -13,7 +13,7 @@ from nnssl.networks.heads import PooledEncoder
 from nnssl.networks.swin import SwinEncoder
 
 
-@register_method("rotnet")
+@register_method("rotnet", trainer="SwinUNETR_RotNet_Trainer")
 class RotNet(SSLMethod):
     """RotNet in 3D: each crop is turned by k x 90 degrees and a linear head on the average-pooled
     last-stage tokens classifies the rotation with cross entropy.

@@ -17,7 +17,7 @@ from nnssl.networks.swin import SwinEncoder
 CONTRASTIVE_VIEWS = ViewSpec(global_views=2, region_factor=1.25, global_scale=(0.8, 1.0), augment="strong")
 
 
-@register_method("simclr")
+@register_method("simclr", trainer="SwinUNETR_SimCLR_Trainer")
 class SimCLR(SSLMethod):
     """SimCLR: NT-Xent between the projections of two augmented views; all other views in the (global)
     batch are negatives (2N - 2 per anchor, gathered across GPUs under DDP).

@@ -12,7 +12,7 @@ from nnssl.networks.heads import ReconstructionHead
 from nnssl.networks.swin import SwinEncoder
 
 
-@register_method("simmim")
+@register_method("simmim", trainer="SwinUNETR_SimMIM_Trainer")
 class SimMIM(SSLMethod):
     """Masked image modelling: block-masked patch embeddings are replaced by a learned mask token (the Swin
     encoder still sees the full token grid), a light 1x1x1-conv + 3D pixel-shuffle head predicts the voxels

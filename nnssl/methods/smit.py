@@ -14,7 +14,7 @@ from nnssl.networks.heads import ReconstructionHead
 from nnssl.networks.swin import SwinEncoder
 
 
-@register_method("smit")
+@register_method("smit", trainer="SwinUNETR_SMIT_Trainer")
 class SMIT(MaskedSelfDistillationMethod):
     """SMIT: masked image reconstruction plus masked patch-token and global self-distillation, on two
     overlapping views cropped from one larger region (two 96^3 views from a 128^3 region in the lab's code).

@@ -17,7 +17,7 @@ from nnssl.networks.heads import SwinSSLDecoder
 from nnssl.networks.swin import SwinEncoder
 
 
-@register_method("swinssl")
+@register_method("swinssl", trainer="SwinUNETR_SwinSSL_Trainer")
 class SwinSSL(SSLMethod):
     """Swin UNETR SSL: three proxy tasks on two views of one crop, each view turned by k x 90 degrees in
     the axial plane and cut out in random boxes by the loader, summed with equal weights (the reference's
