@@ -134,6 +134,7 @@ class Pretrainer:
         self.device = self._setup_device()
         self.rank, self.world_size = collectives.rank(), collectives.world_size()
         self.main = self.rank == 0
+        self.lr = config.scaled_lr(self.world_size)  # peak lr for this run's global batch
         get_method(config.method)  # unknown method: fail before touching any folder
         self.preset: BackbonePreset = get_preset(config.backbone)
         self.patch_size = list(config.patch_size or self.preset.input_size)
@@ -174,7 +175,7 @@ class Pretrainer:
             self.model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.method), lr=config.lr, betas=tuple(config.betas),
+        self.optimizer = torch.optim.AdamW(_param_groups(self.method), lr=self.lr, betas=tuple(config.betas),
                                            weight_decay=config.weight_decay,
                                            fused=self.device.type in FUSED_ADAMW_DEVICES)
         amp = config.amp
@@ -223,7 +224,7 @@ class Pretrainer:
         self.folder.mkdir(parents=True, exist_ok=True)
         with (RunLock(self.folder) if self.main else nullcontext()), _StopFlag() as stop:
             if self.main:
-                save_json(self.config.to_dict(), self.folder / "config.json")
+                save_json({**self.config.to_dict(), "lr_scaled": self.lr}, self.folder / "config.json")
             encoder_file = self.folder / "encoder_final.pth"
             if (self.folder / FINAL).is_file() and encoder_file.is_file():
                 log.info("run %s is already finished", self.folder)
@@ -258,7 +259,7 @@ class Pretrainer:
         skipped, tick = 0, time.perf_counter()
         for step in range(start, self.total_steps):
             epoch = step / self.steps_per_epoch
-            lr = warmup_cosine(step, self.total_steps, warmup, config.lr, config.min_lr)
+            lr = warmup_cosine(step, self.total_steps, warmup, self.lr, config.min_lr)
             wd = warmup_cosine(step, self.total_steps, 0, config.weight_decay, wd_end)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
