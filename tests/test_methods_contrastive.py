@@ -200,6 +200,18 @@ def test_ema_step_moves_the_target_by_one_minus_m_times_the_difference(name, mom
         torch.testing.assert_close(p_new - p_old, (1 - momentum) * (p_s - p_old), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["byol", "mocov3"])
+def test_target_runs_without_stochastic_depth(name):
+    # the student keeps its drop path; the EMA target has none, so two target passes on one input agree
+    torch.manual_seed(0)
+    encoder = build_encoder(get_preset("tiny"), drop_path_rate=0.5)
+    method = build_method(name, encoder, **SMALL_HEADS[name]).train()
+    view = batch_for(method.view_spec(), (32, 32, 32))["view1"]
+    with torch.no_grad():
+        assert torch.equal(method.target(view), method.target(view))
+        assert not torch.equal(method.online(view), method.online(view))
+
+
 def test_optimizer_step_leaves_the_target_alone():
     method = tiny_method("byol").train()
     target_before = {k: v.clone() for k, v in method.target.named_parameters()}  # BN buffers do change

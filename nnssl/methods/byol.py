@@ -12,7 +12,7 @@ from nnssl.data.spec import ViewSpec
 from nnssl.methods.base import SSLMethod
 from nnssl.methods.registry import register_method
 from nnssl.methods.simclr import CONTRASTIVE_VIEWS
-from nnssl.networks.heads import MLPHead, PooledEncoder, frozen_copy
+from nnssl.networks.heads import MLPHead, PooledEncoder, frozen_copy, without_drop_path
 from nnssl.networks.swin import SwinEncoder
 
 
@@ -42,7 +42,8 @@ class BYOL(SSLMethod):
         self.momentum = float(momentum)
         projector, self.predictor = self.build_heads(encoder.out_channels[-1], hidden_dim, proj_dim)
         self.online = nn.Sequential(PooledEncoder(encoder), projector)
-        self.target = frozen_copy(self.online)  # the shared loop updates it from ema_pairs()
+        # the shared loop updates it from ema_pairs(); no stochastic depth in the target, as in both references
+        self.target = without_drop_path(frozen_copy(self.online))
 
     @staticmethod
     def build_heads(embed_dim: int, hidden_dim: int, proj_dim: int) -> tuple[nn.Module, nn.Module]:
