@@ -72,7 +72,7 @@ class SMIT(MaskedSelfDistillationMethod):
         voxel_mask = upsample_mask(masks, self.encoder.preset.patch_size)  # (2B, 1, X, Y, Z)
         recon = masked_l1(self.decoder(student[-1]), views, voxel_mask)
         patch, patch_stats = self._patch_distillation(student, teacher, masks)
-        glob, global_stats = self._global_distillation(student, teacher)
+        glob, global_stats = self._global_distillation(student, teacher, batch)
         total = self.recon_weight * recon + self.patch_weight * patch + self.global_weight * glob
         return {"loss": total, "recon": recon.detach(), "patch_distill": patch.detach(),
                 "global_distill": glob.detach(), **global_stats, **patch_stats}
