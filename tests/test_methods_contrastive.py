@@ -178,6 +178,11 @@ def test_view_specs():
     assert tiny_method("simclr").view_spec() == tiny_method("byol").view_spec() == tiny_method("mocov3").view_spec()
     contrastive = tiny_method("simclr").view_spec()
     assert contrastive.global_views == 2 and contrastive.augment == "strong" and contrastive.region_factor > 1
+    # RandomResizedCrop(scale=(0.08, 1)) in 3D: a uniform fraction of the region's volume
+    assert (contrastive.global_scale, contrastive.scale_by) == ((0.08, 1.0), "volume")
+    assert tiny_method("simclr", crop_volume=[0.2, 0.5], region_factor=1.0).view_spec().global_scale == (0.2, 0.5)
+    with pytest.raises(NnsslError, match="crop_volume must lie in"):
+        tiny_method("byol", crop_volume=[0.5, 2])
     assert tiny_method("rotnet").view_spec().rotate == "any"
     assert tiny_method("rotnet", axes="axial").classifier[1].out_features == 4
     swinssl = tiny_method("swinssl").view_spec()

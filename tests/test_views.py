@@ -25,9 +25,11 @@ def _view_maker(method: str, patch=PATCH, **hyperparameters) -> ViewMaker:
 @pytest.mark.parametrize("method", list_methods())
 def test_views_share_no_storage_and_leave_the_region_unchanged(method):
     # plain crops (SMIT, Swin UNETR SSL) used to be views of the region that in-place brightness then changed
-    np.random.seed(0)
-    maker, rng = _view_maker(method), np.random.default_rng(0)
-    for _ in range(4 if method in ("smit", "swinssl") else 1):
+    # (when no flip copied them first: a few percent of the views)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    maker, rng = _view_maker(method), np.random.default_rng(3)
+    for _ in range(20 if method in ("smit", "swinssl") else 1):  # seeded: the old code failed 4 and 7 times
         region = torch.randn(1, *maker.region_size)
         before = region.clone()
         sample = maker(region, rng)
