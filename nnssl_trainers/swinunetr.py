@@ -44,13 +44,14 @@ from nnssl.checkpoints import (RUN_ENV, EncoderCheckpoint, describe_preset_diffe
                                is_nnunet_checkpoint, load_encoder_file, load_encoder_weights, unwrap)
 from nnssl.errors import NnsslError, exit_on_user_error
 from nnssl.fewshot import NUM_MANY_SHOT_FOLDS, load_fewshot
-from nnssl.io import atomic_path, load_json
+from nnssl.io import CONCURRENT_WRITE_WAIT_S, atomic_path, load_json
 from nnssl.methods.registry import trainer_names
 from nnssl.networks import BackbonePreset, ENCODER_PREFIX, build_swinunetr, get_preset
 from nnssl.networks.swinunetr import swin_patch_size
 from nnssl.paths import nnssl_results, nnunet_results
 from nnssl.schedules import EpochWarmupCosineLR
 from nnssl_trainers.knobs import env_positive
+from nnssl_trainers.shared_files import safe_shared_json
 
 PLANS_KEY = "nnssl"  # our section inside the configuration of the plans the trainer saves
 DEFAULT_BACKBONE = "paper"
@@ -120,7 +121,8 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         if not saved.is_file():
             return {}
         try:
-            return load_json(saved)["configurations"].get(self.configuration_name, {}).get(PLANS_KEY) or {}
+            plans = load_json(saved, wait_s=CONCURRENT_WRITE_WAIT_S)  # another fold may be writing it
+            return plans["configurations"].get(self.configuration_name, {}).get(PLANS_KEY) or {}
         except (ValueError, KeyError, AttributeError) as err:
             raise NnsslError(f"{saved} is damaged ({type(err).__name__}: {err}). Restore it from a backup, or copy "
                              f"the plans file from $nnUNet_preprocessed if no fold of this model was trained.") from None
@@ -198,13 +200,19 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         # few-shot study that would be a wrong run nobody notices
         if self.fold != "all" and self.preprocessed_dataset_folder_base is not None:
             splits_file = Path(self.preprocessed_dataset_folder_base) / "splits_final.json"
-            available = len(load_json(splits_file)) if splits_file.is_file() else NUM_MANY_SHOT_FOLDS
+            available = (len(load_json(splits_file, wait_s=CONCURRENT_WRITE_WAIT_S)) if splits_file.is_file()
+                         else NUM_MANY_SHOT_FOLDS)
             if int(self.fold) >= available:
                 with exit_on_user_error(PROG):
                     raise NnsslError(
                         f"Fold {self.fold} is not in {splits_file} ({available} folds: 0-{available - 1}). Few-shot "
                         f"folds are added by: nnssl_fewshot {self.plans_manager.dataset_name} --shots 1 5 10")
-        return super().do_split()
+        with safe_shared_json():  # concurrent folds may create splits_final.json
+            return super().do_split()
+
+    def on_train_start(self) -> None:
+        with safe_shared_json():  # every fold of the model folder writes its plans.json and dataset.json now
+            super().on_train_start()
 
     # -- network --------------------------------------------------------------------------------------
     @staticmethod
@@ -356,12 +364,14 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         return optimizer, EpochWarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, warmup_epochs)
 
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint, written atomically: a kill while saving never leaves a truncated file."""
+        """nnU-Net's checkpoint, written atomically: a kill or a full disk while saving never leaves a truncated
+        file (a full disk stops the training with a message naming the file and the free space)."""
         if self.local_rank != 0 or self.disable_checkpointing:
             super().save_checkpoint(filename)  # writes nothing; nnU-Net logs why
             return
-        with atomic_path(filename) as tmp:
-            super().save_checkpoint(str(tmp))
+        # through a Python file, so that a full disk is an OSError (ENOSPC), which atomic_path reports
+        with exit_on_user_error(PROG), atomic_path(filename) as tmp, open(tmp, "wb") as file:
+            super().save_checkpoint(file)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if isinstance(filename_or_checkpoint, str):
