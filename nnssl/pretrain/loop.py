@@ -289,7 +289,7 @@ class Pretrainer:
                 row = {"step": done, "epoch": round(done / self.steps_per_epoch, 4), "lr": lr, "weight_decay": wd,
                        "momentum": momentum if momentum is not None else "", **values, **scheduled,
                        "samples_per_s": self.samples_per_step * config.log_every / max(now - tick, 1e-9),
-                       "time": round(time.time(), 2)}
+                       "time": f"{time.time():.2f}"}  # a string: log.csv writes floats with 6 digits
                 tick = now
                 csv_log.append(row)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
@@ -389,7 +389,8 @@ class Pretrainer:
         return {
             "backbone": self.preset.to_dict(), "in_channels": self.corpus.in_channels, "method": self.config.method,
             "patch_size": self.patch_size, "corpus": list(self.corpus.datasets), "spacing": list(self.corpus.spacing),
-            "normalization": list(self.corpus.normalization), "run": self.config.run, "step": self.total_steps,
+            "normalization": list(self.corpus.normalization), "intensity_properties": self.corpus.intensity_properties,
+            "run": self.config.run, "step": self.total_steps,
             "seed": self.config.seed, "source": source,
         }
 
