@@ -5,7 +5,8 @@
     {"format": "nnssl-encoder", "version": 1,
      "state_dict": {"swinViT.patch_embed.proj.weight": ..., ...},   # MONAI SwinUNETR names
      "meta": {"backbone": {...BackbonePreset...}, "in_channels": 1, "method": "smit",
-              "patch_size": [96, 96, 96], "corpus": [...], "spacing": [...], "normalization": "...",
+              "patch_size": [96, 96, 96], "corpus": [...], "spacing": [...], "normalization": [...],
+              "intensity_properties": {"0": {"mean": ..., "std": ..., "percentile_00_5": ..., ...}},
               "run": "...", "step": 1234, "source": "student"}}
 
 ``SwinUNETR(...).load_state_dict(state_dict, strict=False)`` fills exactly the encoder.
@@ -28,7 +29,7 @@ from nnssl.networks.swin import ENCODER_PREFIX, SwinEncoder, build_encoder
 ENCODER_FORMAT = "nnssl-encoder"
 ENCODER_VERSION = 1
 ENCODER_FILENAME = "encoder_final.pth"
-TEACHER_ENCODER_FILENAME = "encoder_teacher_final.pth"  # methods with an EMA teacher save its encoder too
+ENCODER_FILES = {"student": ENCODER_FILENAME, "teacher": "encoder_teacher_final.pth"}  # by nnssl.plans.ENCODER_CHOICES
 RUN_ENV = "nnssl_run"  # names the run a fine-tuning trainer takes instead of the newest one
 PATCH_EMBED_KEY = ENCODER_PREFIX + "patch_embed.proj.weight"
 
@@ -103,19 +104,19 @@ def is_nnunet_checkpoint(path: str | os.PathLike) -> bool:
     return isinstance(blob, dict) and "network_weights" in blob
 
 
-def find_encoder_checkpoint(method: str, results_root: Path) -> Path:
-    """``$nnssl_results/<method>/<run>/encoder_final.pth``: the run named by ``$nnssl_run``, else the newest.
+def find_encoder_checkpoint(method: str, results_root: Path, filename: str = ENCODER_FILENAME) -> Path:
+    """``$nnssl_results/<method>/<run>/<filename>``: the run named by ``$nnssl_run``, else the newest.
 
     Raises an NnsslError naming the paths searched and the command that creates a checkpoint.
     """
     method_dir = results_root / method
     run = os.environ.get(RUN_ENV)
     if run:
-        searched = [method_dir / run / ENCODER_FILENAME]
+        searched = [method_dir / run / filename]
         found = [p for p in searched if p.is_file()]
     else:
-        searched = [method_dir / "*" / ENCODER_FILENAME]
-        found = sorted(method_dir.glob(f"*/{ENCODER_FILENAME}"), key=lambda p: p.stat().st_mtime)
+        searched = [method_dir / "*" / filename]
+        found = sorted(method_dir.glob(f"*/{filename}"), key=lambda p: p.stat().st_mtime)
     if not found:
         runs = sorted(p.name for p in method_dir.iterdir() if p.is_dir()) if method_dir.is_dir() else []
         unfinished = f" Runs without a finished encoder: {runs}." if runs else ""
@@ -123,7 +124,7 @@ def find_encoder_checkpoint(method: str, results_root: Path) -> Path:
             f"No pretrained '{method}' encoder found. Searched: {', '.join(str(p) for p in searched)}."
             f"{unfinished}\nCreate one with: nnssl_pretrain -m {method} -d <corpus dataset id>"
             f"{' --run ' + run if run else ''}\n"
-            f"or pass a file with: nnUNetv2_train ... -pretrained_weights /path/to/{ENCODER_FILENAME}"
+            f"or pass a file with: nnUNetv2_train ... -pretrained_weights /path/to/{filename}"
         )
     return found[-1]
 
@@ -133,18 +134,13 @@ def run_encoder_file(folder: Path, method: str) -> Path:
     where :func:`nnssl.plans.finetune_encoder` says so (DINO, iBOT), else the student's."""
     from nnssl.plans import finetune_encoder
 
-    student = folder / ENCODER_FILENAME
-    if not student.is_file():
-        raise NnsslError(f"{folder} has no {ENCODER_FILENAME}: the run is unfinished. Continue it with "
-                         f"nnssl_pretrain -m {method} -d <corpus dataset id> --run {folder.name} --resume")
-    if finetune_encoder(method) == "student":
-        return student
-    teacher = folder / TEACHER_ENCODER_FILENAME
-    if not teacher.is_file():
-        raise NnsslError(f"'{method}' encoders are used as the teacher (plans/pretrain/{method}.json: finetune_encoder), "
-                         f"but {folder} has no {TEACHER_ENCODER_FILENAME}. Re-run the pretraining's final step: "
-                         f"nnssl_pretrain -m {method} -d <corpus dataset id> --run {folder.name} --resume")
-    return teacher
+    choice = finetune_encoder(method)
+    path = folder / ENCODER_FILES[choice]
+    if not path.is_file():
+        raise NnsslError(f"{folder} has no {path.name} (the {choice} encoder, which '{method}' fine-tuning uses): the "
+                         f"run is unfinished. Continue it with: nnssl_pretrain -m {method} -d <corpus dataset id> "
+                         f"--run {folder.name} --resume")
+    return path
 
 
 def build_pretrained_encoder(checkpoint: EncoderCheckpoint, in_channels: int) -> SwinEncoder:

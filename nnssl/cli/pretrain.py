@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--steps-per-epoch", type=int, help="default: one pass over the corpus")
     parser.add_argument("--batch-size", type=int, help="per GPU/process")
-    parser.add_argument("--lr", type=float, help="peak learning rate (absolute)")
+    parser.add_argument("--lr", type=float, help="base peak learning rate, stated for a global batch of lr_batch (a "
+                        "plan setting); the loop scales it linearly to GPUs x batch size x accumulate")
     parser.add_argument("--num-workers", type=int, help="data-loading worker processes per GPU/process")
     parser.add_argument("--device", choices=("cuda", "cpu"))
     parser.add_argument("--seed", type=int)
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
                              "keeps probing under 10%% of the run's time (before the first step, after the last, and "
                              "in between while the budget allows)")
     parser.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    parser.add_argument("--force-unlock", action="store_true",
+                        help="take the run folder over from an owner that looks alive (run.owner.json): for when "
+                             "you know that process is gone, e.g. its node crashed less than 5 minutes ago")
     parser.add_argument("--plans-override", nargs="+", default=[], metavar="KEY=VALUE",
                         help="any setting of plans/pretrain/<method>.json, e.g. grad_clip=1.0 method.mask_ratio=0.6")
     parser.add_argument("--list-methods", action="store_true", help="list the registered SSL methods and exit")
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                "probe_every": args.probe_every}
         config = resolve_config(args.method, args.datasets, cli, args.plans_override)
         try:
-            result = pretrain(config, resume=args.resume)
+            result = pretrain(config, resume=args.resume, force_unlock=args.force_unlock)
         except RunInterrupted as stop:
             print(f"nnssl_pretrain: {stop}", file=sys.stderr)
             return 128 + stop.signal_number

@@ -34,10 +34,11 @@ from nnssl.methods.registry import build_method, get_method
 from nnssl.networks import BackbonePreset, build_encoder, get_preset
 from nnssl.networks.heads import update_momentum
 from nnssl.paths import nnssl_results
-from nnssl.pretrain import distributed
+from nnssl import collectives
 from nnssl.pretrain.config import PretrainConfig
-from nnssl.pretrain.run_folder import (FINAL, CsvLog, RunLock, latest_good_checkpoint, plot_progress,
+from nnssl.pretrain.run_folder import (FINAL, CsvLog, latest_good_checkpoint, plot_progress, reconcile_with_log,
                                        save_checkpoint)
+from nnssl.pretrain.run_lock import RunLock
 from nnssl.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -127,13 +128,15 @@ class _StopFlag:
 class Pretrainer:
     """One pretraining run. ``Pretrainer(config, resume).run()``; see ``nnssl_pretrain --help``."""
 
-    def __init__(self, config: PretrainConfig, resume: bool = False):
+    def __init__(self, config: PretrainConfig, resume: bool = False, force_unlock: bool = False):
         self.config = config
         self.resume = resume
+        self.force_unlock = force_unlock
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.device = self._setup_device()
-        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.rank, self.world_size = collectives.rank(), collectives.world_size()
         self.main = self.rank == 0
+        self.lr = config.scaled_lr(self.world_size)  # peak lr for this run's global batch
         get_method(config.method)  # unknown method: fail before touching any folder
         self.preset: BackbonePreset = get_preset(config.backbone)
         self.patch_size = list(config.patch_size or self.preset.input_size)
@@ -154,7 +157,7 @@ class Pretrainer:
     def _setup_device(self) -> torch.device:
         if self.config.device == "cuda" and not torch.cuda.is_available():
             raise NnsslError("CUDA is not available on this machine; pretrain on the CPU with --device cpu.")
-        if self.distributed and not distributed.is_distributed():
+        if self.distributed and not collectives.is_distributed():
             backend = "nccl" if self.config.device == "cuda" else "gloo"
             dist.init_process_group(backend=backend)
         if self.config.device == "cuda":
@@ -180,7 +183,7 @@ class Pretrainer:
             self.model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.method), lr=config.lr, betas=tuple(config.betas),
+        self.optimizer = torch.optim.AdamW(_param_groups(self.method), lr=self.lr, betas=tuple(config.betas),
                                            weight_decay=config.weight_decay,
                                            fused=self.device.type in FUSED_ADAMW_DEVICES)
         amp = config.amp
@@ -196,6 +199,8 @@ class Pretrainer:
     def _restore(self) -> int:
         """Load the newest good checkpoint (with --resume); returns the step to continue from."""
         found = latest_good_checkpoint(self.folder)
+        if self.main:
+            reconcile_with_log(self.folder, found)
         if found is None:
             return 0
         path, state = found
@@ -227,9 +232,9 @@ class Pretrainer:
     def run(self) -> RunResult:
         self._check_existing_run()
         self.folder.mkdir(parents=True, exist_ok=True)
-        with (RunLock(self.folder) if self.main else nullcontext()), _StopFlag() as stop:
+        with (RunLock(self.folder, force=self.force_unlock) if self.main else nullcontext()), _StopFlag() as stop:
             if self.main:
-                save_json(self.config.to_dict(), self.folder / "config.json")
+                save_json({**self.config.to_dict(), "lr_scaled": self.lr}, self.folder / "config.json")
             encoder_file = self.folder / "encoder_final.pth"
             if (self.folder / FINAL).is_file() and encoder_file.is_file():
                 log.info("run %s is already finished", self.folder)
@@ -266,7 +271,7 @@ class Pretrainer:
         skipped, tick = 0, time.perf_counter()
         for step in range(start, self.total_steps):
             epoch = step / self.steps_per_epoch
-            lr = warmup_cosine(step, self.total_steps, warmup, config.lr, config.min_lr)
+            lr = warmup_cosine(step, self.total_steps, warmup, self.lr, config.min_lr)
             wd = warmup_cosine(step, self.total_steps, 0, config.weight_decay, wd_end)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -295,7 +300,8 @@ class Pretrainer:
                 row = {"step": done, "epoch": round(done / self.steps_per_epoch, 4), "lr": lr, "weight_decay": wd,
                        "momentum": momentum if momentum is not None else "", **values, **scheduled,
                        "samples_per_s": self.samples_per_step * config.log_every / max(now - tick, 1e-9),
-                       "time": round(time.time(), 2), **(probed.columns() if probed else {})}
+                       "time": f"{time.time():.2f}",  # a string: log.csv writes floats with 6 digits
+                       **(probed.columns() if probed else {})}
                 tick = now
                 for early in self.probe.pending_rows(row) if self.probe else []:
                     csv_log.append(early)
@@ -388,6 +394,7 @@ class Pretrainer:
         state = self._state(step)  # every rank joins the RNG gather
         if self.main:
             save_checkpoint(self.folder, state, final=final)
+            csv_log.checkpointed(step)
             if self.terms:
                 plot_progress(csv_log, self.folder / "progress.png", f"{self.config.method} - {self.config.run}",
                               self.terms)
@@ -398,7 +405,8 @@ class Pretrainer:
         return {
             "backbone": self.preset.to_dict(), "in_channels": self.corpus.in_channels, "method": self.config.method,
             "patch_size": self.patch_size, "corpus": list(self.corpus.datasets), "spacing": list(self.corpus.spacing),
-            "normalization": list(self.corpus.normalization), "run": self.config.run, "step": self.total_steps,
+            "normalization": list(self.corpus.normalization), "intensity_properties": self.corpus.intensity_properties,
+            "run": self.config.run, "step": self.total_steps,
             "seed": self.config.seed, "source": source,
         }
 
@@ -414,11 +422,12 @@ class Pretrainer:
             log.info("finished %s: %s", self.folder, self.folder / "encoder_final.pth")
 
 
-def pretrain(config: PretrainConfig, resume: bool = False) -> RunResult:
-    """Run (or continue, with ``resume``) the pretraining described by ``config``."""
-    trainer = Pretrainer(config, resume=resume)
+def pretrain(config: PretrainConfig, resume: bool = False, force_unlock: bool = False) -> RunResult:
+    """Run (or continue, with ``resume``) the pretraining described by ``config``; ``force_unlock`` takes the run
+    folder over from an owner that looks alive (:class:`~nnssl.pretrain.run_lock.RunLock`)."""
+    trainer = Pretrainer(config, resume=resume, force_unlock=force_unlock)
     try:
         return trainer.run()
     finally:
-        if distributed.is_distributed():
+        if collectives.is_distributed():
             dist.destroy_process_group()

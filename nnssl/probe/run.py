@@ -23,12 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from nnssl.checkpoints import build_pretrained_encoder, find_encoder_checkpoint, load_encoder_file, run_encoder_file
+from nnssl.checkpoints import (ENCODER_FILES, build_pretrained_encoder, find_encoder_checkpoint, load_encoder_file,
+                               run_encoder_file)
 from nnssl.errors import NnsslError
 from nnssl.io import save_json
 from nnssl.networks import BackbonePreset, get_preset
 from nnssl.networks.swin import SwinEncoder, build_encoder, encoder_state_dict
 from nnssl.paths import nnssl_results
+from nnssl.plans import finetune_encoder
 from nnssl.probe.data import ProbeCases, ProbeData, load_probe_data
 from nnssl.probe.linear import (PROBE_STAGES, ProbeSettings, dice_per_class, fit_probe, predict_case,
                                training_matrix)
@@ -60,7 +62,7 @@ def resolve_encoder_file(spec: str) -> Path:
                              f"$nnssl_results/<method>/<run>, an encoder file, a method name or '{RANDOM}'.")
         return run_encoder_file(path, _run_method(path))
     if spec in list_methods():
-        return run_encoder_file(find_encoder_checkpoint(spec, nnssl_results()).parent, spec)
+        return find_encoder_checkpoint(spec, nnssl_results(), ENCODER_FILES[finetune_encoder(spec)])
     raise NnsslError(f"ENCODER '{spec}' is neither an encoder file, a pretraining run folder, a method name "
                      f"({', '.join(list_methods())}) nor '{RANDOM}'.")
 
