@@ -358,10 +358,10 @@ def _from_smit(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]
 
 
 def _check_method(method: str) -> str:
-    from nnssl_trainers.swinunetr import METHOD_TRAINERS  # the methods a fine-tuning trainer exists for
+    from nnssl.methods.registry import trainer_names  # the methods a fine-tuning trainer exists for
     from nnssl.plans import did_you_mean
 
-    known = sorted([*METHOD_TRAINERS, IMPORTED])
+    known = sorted([*trainer_names(), IMPORTED])
     if method not in known:
         raise NnsslError(f"--method {method} is not an nnssl method.{did_you_mean(method, known)} "
                          f"Known: {', '.join(known)} ({IMPORTED}: SwinUNETR_Imported_Trainer).")

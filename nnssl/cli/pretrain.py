@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-per-epoch", type=int, help="default: one pass over the corpus")
     parser.add_argument("--batch-size", type=int, help=f"per GPU/process (default: the plan's, else "
                                                        f"{_default('batch_size')})")
-    parser.add_argument("--lr", type=float, help=f"peak learning rate (absolute; default: the plan's, else "
-                                                 f"{_default('lr')})")
+    parser.add_argument("--lr", type=float, help=f"base peak learning rate, stated for a global batch of lr_batch (a "
+                        f"plan setting); the loop scales it linearly to GPUs x batch size x accumulate (default: "
+                        f"the plan's, else {_default('lr')})")
     parser.add_argument("--num-workers", type=int, help=f"data-loading worker processes per GPU/process "
                                                         f"(default {_default('num_workers')})")
     parser.add_argument("-device", "--device", dest="device", choices=("cuda", "cpu"),
@@ -58,6 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", "--run-name", dest="run",
                         help="run name (default: <backbone>_d<dataset ids>); under torchrun write --run-name, "
                              "since torchrun reads --run as its own --run-path")
+    parser.add_argument("--probe", metavar="TASK",
+                        help="nnU-Net task (id or name, planned and preprocessed) on which to linear-probe the encoder "
+                             "fine-tuning will use (the teacher for DINO/iBOT) during the run, in this process: "
+                             "probe_dice (mean foreground Dice on fold 0's validation cases) goes into log.csv and "
+                             "progress.png; see nnssl_probe")
+    parser.add_argument("--probe-every", type=int, metavar="K",
+                        help="probe every K steps (and before the first and after the last). Default: as often as "
+                             "keeps probing under 10%% of the run's time (before the first step, after the last, and "
+                             "in between while the budget allows)")
     parser.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     parser.add_argument("--logger", choices=("csv", "tensorboard"),
                         help="csv: log.csv only (default); tensorboard: TensorBoard event files in the run folder "
@@ -90,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         cli = {"configuration": args.configuration, "plans": args.plans, "backbone": args.backbone,
                "patch_size": args.patch_size, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
                "batch_size": args.batch_size, "lr": args.lr, "num_workers": args.num_workers,
-               "device": args.device, "seed": args.seed, "run": args.run, "logger": args.logger}
+               "device": args.device, "seed": args.seed, "run": args.run, "logger": args.logger,
+               "probe": args.probe, "probe_every": args.probe_every}
         config, sources = resolve_config_with_sources(args.method, args.datasets or [], cli, args.plans_override,
                                                       args.plan_file)
         if args.print_config:
