@@ -16,6 +16,8 @@ environment at the start of a training and saved in the model folder's ``plans.j
 - ``nnssl_lr``: peak learning rate of AdamW (default 1e-4, the SwinUNETR fine-tuning setting); short
   runs such as the demo's learn more with a higher one.
 - ``nnssl_run``: which pretraining run of the method to use (default: the newest finished one).
+- ``nnssl_checkpointing``: ``1`` recomputes the Swin and decoder blocks in the backward pass instead of
+  storing their activations (activation checkpointing: less GPU memory, same gradients); default ``0``.
 
 On the CPU the trainers honour ``OMP_NUM_THREADS`` (nnU-Net itself takes every core), so that
 ``nnssl_benchmark --device cpu --jobs N`` can run N trainings side by side.
@@ -49,7 +51,7 @@ from nnssl.networks import BackbonePreset, ENCODER_PREFIX, build_swinunetr, get_
 from nnssl.networks.swinunetr import swin_patch_size
 from nnssl.paths import nnssl_results, nnunet_results
 from nnssl.schedules import EpochWarmupCosineLR
-from nnssl_trainers.knobs import env_positive
+from nnssl_trainers.knobs import env_flag, env_positive
 
 PLANS_KEY = "nnssl"  # our section inside the configuration of the plans the trainer saves
 DEFAULT_BACKBONE = "paper"
@@ -142,6 +144,8 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
                                          self.num_iterations_per_epoch),
             "save_every": knob("nnssl_save_every", "save_every", self.save_every),
             "initial_lr": knob("nnssl_lr", "initial_lr", self.initial_lr_default),
+            "checkpointing": next(v for v in (env_flag("nnssl_checkpointing"), saved.get("checkpointing"), False)
+                                  if v is not None),
             "trainer": self.__class__.__name__,
             "pretrained": saved.get("pretrained"),
         }
@@ -219,7 +223,8 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
             )
         preset = BackbonePreset.from_dict(settings["backbone"])
         return build_swinunetr(preset, num_input_channels, num_output_channels,
-                               drop_path_rate=SwinUNETR_Scratch_Trainer.drop_path_rate)
+                               drop_path_rate=SwinUNETR_Scratch_Trainer.drop_path_rate,
+                               use_checkpoint=bool(settings.get("checkpointing", False)))
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         """SwinUNETR has a single output; nothing to switch."""
