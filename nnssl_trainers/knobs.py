@@ -17,8 +17,8 @@ KNOBS: dict[str, str] = {
     "nnssl_save_every": "epochs between checkpoint_latest.pth writes",
     "nnssl_lr": "peak AdamW learning rate",
     "nnssl_run": "which pretraining run of the method the trainer uses",
-    "nnssl_checkpointing": "1: activation checkpointing (recompute Swin blocks and decoder blocks in the backward "
-                           "pass: less GPU memory, about a third more compute, same gradients); 0: off",
+    "nnssl_checkpointing": "1: activation checkpointing (recompute Swin and decoder blocks in the backward "
+                           "pass: less GPU memory, more compute, same gradients); 0: off",
 }
 FOLDER_VARIABLES = ("nnssl_results",)  # nnssl_* variables that name folders (nnssl.paths), not trainer knobs
 

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--grad-checkpointing", action="store_true", default=None,
                         help="activation checkpointing: recompute each Swin block in the backward pass instead of "
-                             "storing its activations (less GPU memory, about a third more compute, same gradients)")
+                             "storing its activations (less GPU memory, more compute, same gradients)")
     parser.add_argument("--run", "--run-name", dest="run",
                         help="run name (default: <backbone>_d<dataset ids>); under torchrun write --run-name, "
                              "since torchrun reads --run as its own --run-path")
