@@ -5,8 +5,8 @@ A step is forward, loss, backward and AdamW step on one fixed batch ``(B, 1, S, 
 - ours: ``build_swinunetr(preset, 1, 2)`` / ``build_encoder(preset)`` (the fast path of
   ``nnssl/networks/fast_swin.py``) with fused AdamW (``fast_swin.adamw``); on CUDA also bf16 autocast and
   fused attention (``scaled_dot_product_attention`` with the relative position bias); environment
-  variables ``NNSSL_BENCH_COMPILE=1`` add ``torch.compile`` and ``NNSSL_BENCH_CHECKPOINT=1`` activation
-  checkpointing (both recorded in the row's config).
+  variables ``NNSSL_BENCH_COMPILE=1`` add ``torch.compile`` (inductor on CUDA, ``aot_eager`` on a CPU) and
+  ``NNSSL_BENCH_CHECKPOINT=1`` activation checkpointing (both recorded in the row's config).
 - baseline: ``monai.networks.nets.SwinUNETR`` with the preset's shape and MONAI's defaults otherwise
   (fp32, plain attention, no checkpointing) and ``torch.optim.AdamW`` with its defaults; the encoder
   baseline is that network's ``swinViT``.

@@ -12,11 +12,10 @@ import warnings
 import pytest
 import torch
 import torch._dynamo as dynamo
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
+from bench.bench_gpu import sliding_window_predictor
 from nnssl.networks import build_swinunetr, get_preset
 
 PATCH = (32, 32, 64)
@@ -79,22 +78,12 @@ def test_compiled_training_step_equals_eager_under_aot_eager():
         torch.testing.assert_close(outputs["compiled"][1][name], grad, rtol=0, atol=1e-4 * scale, msg=name)
 
 
-def _predictor(network: torch.nn.Module) -> nnUNetPredictor:
-    """nnU-Net's sliding-window predictor around ``network`` (patch ``PATCH``, Gaussian weighting, no mirroring)."""
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                                perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
-    plans = PlansManager({"dataset_name": "Dataset990_SynthCT", "plans_name": "nnUNetPlans",
-                          "configurations": {"3d_fullres": {"patch_size": list(PATCH), "architecture": {}}}})
-    predictor.manual_initialization(network, plans, plans.get_configuration("3d_fullres"), None,
-                                    {"labels": {"background": 0, "tumour": 1}}, "SwinUNETR_Scratch_Trainer", None)
-    return predictor
-
-
 def test_sliding_window_inference_of_two_cases_compiles_once_without_graph_breaks():
     eager, compiled_net = _network(), _network()
     compiled_net.load_state_dict(eager.state_dict())
     backend = CompileCounterWithBackend("aot_eager")
-    predictors = {"eager": _predictor(eager), "compiled": _predictor(torch.compile(compiled_net, backend=backend))}
+    predictors = {name: sliding_window_predictor(net, PATCH, "cpu", mirroring=False)
+                  for name, net in (("eager", eager), ("compiled", torch.compile(compiled_net, backend=backend)))}
     # two cases of different sizes: one smaller than the patch along x (nnU-Net pads it), one needing 3 x 2 x 2 tiles
     cases = [torch.randn(1, 24, 40, 70, generator=torch.Generator().manual_seed(2)),
              torch.randn(1, 60, 48, 96, generator=torch.Generator().manual_seed(3))]
