@@ -7,8 +7,8 @@ Rows (all ``gpu_*``; ours vs a baseline measured in the same run, ``ratio`` > 1:
   stock MONAI ``SwinUNETR`` in fp32 with the same weights (``bench/bench_swin.py``'s steppers). Variants:
   ``fp32``; ``bf16`` (autocast); ``compiled`` (bf16 and ``torch.compile``, inductor). Time: median of
   interleaved repeats after a warm-up step (for ``compiled``, the compilation). Memory: the peak of
-  ``torch.cuda.max_memory_allocated`` over two steps minus what was allocated before them (activations,
-  temporaries, gradients), both networks in one process.
+  ``torch.cuda.max_memory_allocated`` over two steps, each variant in a fresh process
+  (``bench_swin.peak_memory_mb``; on a CPU the growth of the peak resident set).
 - ``gpu_pretrain_step_<method>`` (s/step): one pretraining step of each SSL method (bf16 autocast, AdamW, EMA)
   against SimMIM's in the same process (``bench/bench_pretrain.py``'s ``measure``); ``config.peak_mib`` holds
   the method's peak memory.
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_swin import Case, build, checkpointing_row, time_steps
+from bench.bench_swin import Case, build, checkpointing_row, peak_memory_mb, time_steps
 from nnssl.errors import NnsslError
 
 
@@ -100,45 +100,14 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _memory_mb(device: str) -> tuple[float, float]:
-    """(allocated now, peak since the last reset) in MB: CUDA allocator statistics, or the process's resident set
-    on a CPU (dry run only: freed memory stays in the process, so these are rough)."""
-    if device == "cuda":
-        return torch.cuda.memory_allocated() / 2**20, torch.cuda.max_memory_allocated() / 2**20
-    with open("/proc/self/status") as status:
-        fields = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in status if line.startswith("Vm")}
-    return fields["VmRSS"], fields["VmHWM"]
-
-
-def _reset_peak(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # Linux: the peak resident size (VmHWM) restarts from the current one
-
-
-def peak_growth_mb(step, device: str, steps: int) -> float:
-    """Peak memory above what was allocated before, over ``steps`` calls of ``step``."""
-    gc.collect()
-    _synchronize(device)
-    _reset_peak(device)
-    before, _ = _memory_mb(device)
-    for _ in range(steps):
-        step()
-    _synchronize(device)
-    return _memory_mb(device)[1] - before
-
-
 def swin_rows(sizes: Sizes, device: str) -> list[dict]:
     rows = []
     for variant, options in sizes.variants.items():
         case = Case(sizes.preset, sizes.size, sizes.batch, "swinunetr", device, **options)
-        steppers = build(case)
-        timing = time_steps(case, sizes.repeats, steppers)  # after a warm-up step: kernels chosen, graphs compiled
+        timing = time_steps(case, sizes.repeats)  # after a warm-up step each: kernels chosen, graphs compiled
         ours, baseline = (statistics.median(timing["seconds"][name]) for name in ("ours", "baseline"))
-        memory = {name: peak_growth_mb(stepper.step, device, sizes.memory_steps) for name, stepper in steppers.items()}
-        del steppers
+        _free(device)
+        memory = {name: peak_memory_mb(case, name, sizes.memory_steps) for name in ("ours", "baseline")}
         config = {**asdict(case), "repeats": sizes.repeats,
                   "first_loss_relative_difference": timing["loss_difference"],
                   "compile_backend": ("inductor" if device == "cuda" else "aot_eager") if case.compile else None}
@@ -147,7 +116,6 @@ def swin_rows(sizes: Sizes, device: str) -> list[dict]:
                      "ratio": baseline / ours, "config": config})
         rows.append({"name": f"gpu_swin_memory_{name}", "ours": memory["ours"], "baseline": memory["baseline"],
                      "unit": "MB", "ratio": memory["baseline"] / memory["ours"], "config": config})
-        _free(device)
     return rows
 
 
