@@ -83,7 +83,7 @@ def _batch(name: str, method: torch.nn.Module, batch_size: int = 4) -> dict[str,
     # beyond bf16 rounding (crops of one noise region pool to nearly equal vectors, whose contrastive logits
     # and batch norms would then measure rounding, not the loss)
     samples = [views(torch.randn(1, *views.region_size, generator=generator) + i, rng) for i in range(batch_size)]
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    return views.collate(samples)
 
 
 @pytest.mark.parametrize("name", list_methods())
