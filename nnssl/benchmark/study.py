@@ -47,6 +47,21 @@ class MethodSpec:
 
 
 @dataclass(frozen=True)
+class BaselineSpec:
+    """An extra nnU-Net trainer run on the same folds as the SSL methods, as a reference (not ranked)."""
+
+    name: str  # its row name in the report, e.g. "nnUNet"
+    trainer: str  # e.g. "nnUNetTrainer"
+    configuration: str
+    plans_identifier: str
+
+    @property
+    def folder_name(self) -> str:
+        """nnU-Net's model folder name ``<trainer>__<plans>__<configuration>``."""
+        return f"{self.trainer}__{self.plans_identifier}__{self.configuration}"
+
+
+@dataclass(frozen=True)
 class Study:
     tasks: dict[str, TaskSpec]
     methods: dict[str, MethodSpec]
@@ -64,6 +79,7 @@ class Study:
     finetune_env: dict[str, str] = field(default_factory=dict)  # e.g. {"nnssl_num_epochs": "5"}
     num_processes: int | None = None  # worker processes of corpus preparation and nnU-Net planning (None: theirs)
     cka_args: tuple[str, ...] = ()  # extra nnssl_cka options (e.g. --patches-per-case 32)
+    baselines: dict[str, BaselineSpec] = field(default_factory=dict)  # reference nnU-Net trainers
 
     @property
     def corpus_dataset(self) -> str:
@@ -87,6 +103,14 @@ class Study:
             raise NnsslError(f"Unknown method '{name}'. Methods of the study ({self.source}): "
                              f"{', '.join(self.methods)}.{did_you_mean(name, list(self.methods))}")
         return self.methods[name]
+
+
+def parse_baselines(entries: dict[str, Any], configuration: str) -> dict[str, BaselineSpec]:
+    """The ``baselines`` section: name -> {"trainer", "configuration", "plans_identifier"} (the last two default
+    to the configuration of the study and nnU-Net's ``nnUNetPlans``)."""
+    return {name: BaselineSpec(name, entry["trainer"], entry.get("configuration", configuration),
+                               entry.get("plans_identifier", "nnUNetPlans"))
+            for name, entry in entries.items() if not name.startswith("_")}
 
 
 _TASK_KEYS = {"dataset_id", "dataset_name", "modality", "converter", "channel_names", "labels", "few_shot",
@@ -114,6 +138,9 @@ def _parse(data: dict[str, Any], source: Path) -> Study:
                          f"need their own nnU-Net id.")
     methods = {name: MethodSpec(name, entry["trainer"], bool(entry.get("pretrained", True)))
                for name, entry in data["methods"].items()}
+    clash = sorted(set(methods) & set(data.get("baselines", {})))
+    if clash:
+        raise NnsslError(f"{source}: {clash} named both as method and as baseline; give the baseline another name.")
     return Study(
         tasks=tasks, methods=methods, folds=tuple(int(f) for f in data["folds"]),
         seeds=tuple(int(s) for s in data["seeds"]), backbone=data["backbone"],
@@ -124,6 +151,7 @@ def _parse(data: dict[str, Any], source: Path) -> Study:
         finetune_env={str(k): str(v) for k, v in data.get("finetune_env", {}).items()},
         num_processes=int(data["num_processes"]) if data.get("num_processes") is not None else None,
         cka_args=tuple(str(a) for a in data["cka"].get("args", [])),
+        baselines=parse_baselines(data.get("baselines", {}), data["configuration"]),
     )
 
 
