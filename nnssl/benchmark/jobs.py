@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from nnssl.benchmark.study import Study, TaskSpec
+from nnssl.benchmark.study import BaselineSpec, Study, TaskSpec
 from nnssl.errors import NnsslError
 from nnssl.fewshot import FEWSHOT_FILENAME, NUM_MANY_SHOT_FOLDS, SPLITS_FILENAME, plan_fewshot_folds
 from nnssl.io import load_json
@@ -198,7 +198,7 @@ def _task_jobs(study: Study, task: TaskSpec, selection: Selection, settings: Set
         baseline = study.baselines[name]
         finetune_jobs += [_finetune_job(study, task, baseline.trainer, False,
                                         base if n is None else fold_of[(base, n, seed)], _ids(plan_job, *fewshot_jobs),
-                                        settings, state, baseline.plans_identifier, baseline.configuration)
+                                        settings, state, baseline)
                           for base, n, seed in runs]
     return fewshot_jobs, finetune_jobs, cka_jobs
 
@@ -272,14 +272,15 @@ def _fewshot_jobs(study: Study, task: TaskSpec, shots: list[int], existing: dict
 
 
 def _finetune_job(study: Study, task: TaskSpec, trainer: str, pretrained: bool, fold: int, deps: tuple[str, ...],
-                  settings: Settings, state: ResultsState, plans: str | None = None,
-                  configuration: str | None = None) -> Job:
-    plans, configuration = plans or study.plans_identifier, configuration or study.configuration
+                  settings: Settings, state: ResultsState, baseline: BaselineSpec | None = None) -> Job:
+    plans = baseline.plans_identifier if baseline else study.plans_identifier
+    configuration = baseline.configuration if baseline else study.configuration
     run_state = state.finetune(task.dataset, trainer, fold, plans, configuration)
     command = ["nnUNetv2_train", str(task.dataset_id), configuration, str(fold), "-tr", trainer]
     command += ["-p", plans] if plans != "nnUNetPlans" else []
     command += [*_device_flag(settings), *(["--c"] if run_state == RESUME else [])]
-    env = {"nnssl_backbone": study.backbone, **study.finetune_env}
+    # a baseline is no SwinUNETR: of the knobs it reads at most the schedule's (nnUNetTrainer_nnsslSchedule)
+    env = {**({} if baseline else {"nnssl_backbone": study.backbone}), **study.finetune_env}
     if pretrained:
         env["nnssl_run"] = study.corpus_run  # the study's pretraining run, not whichever is newest
     name = trainer if (plans, configuration) == (study.plans_identifier, study.configuration) else \
