@@ -2,8 +2,8 @@
 
 The overlay shows a representative validation case (the one whose Dice is nearest the median of the best
 pretrained method's many-shot cases) on its axial slice with the most ground-truth foreground: the ground
-truth, then scratch and the best pretrained method (highest mean Dice in that shot setting) at the smallest
-shot size and many-shot, each as label outlines over the image (from nnU-Net's validation predictions,
+truth, then scratch and the best pretrained method (highest mean Dice in that shot setting; scratch alone
+where no pretrained method ran) at the smallest shot size and many-shot, each as label outlines over the image (from nnU-Net's validation predictions,
 ``$nnUNet_raw`` images and ``gt_segmentations``).
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def overlay(task: str, runs: Sequence[Any], rows: list[dict], path: Path) -> str
     """The task's overlay figure (see the module docstring); its title, or None when it cannot be drawn."""
     shots = sorted({r["shot"] for r in rows if r["shot"] != UNKNOWN}, key=_shot_order)
     pretrained = [r for r in rows if r["family"] not in (SCRATCH, BASELINE)]
-    if not shots or not pretrained:
+    if not shots:
         return None
     settings = list(dict.fromkeys([shots[0], shots[-1]]))
     columns = []  # (method, shot)
