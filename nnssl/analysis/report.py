@@ -71,14 +71,9 @@ class FoldRun:
 
 
 # -- reading results ------------------------------------------------------------------------------------
-def case_dice(summary: dict) -> list[float]:
-    """Per case of nnU-Net's ``summary.json``: mean Dice over the foreground labels/regions with a
-    defined Dice (cases where no label has one are left out)."""
-    return list(dice_by_case(summary).values())
-
-
 def dice_by_case(summary: dict) -> dict[str, float]:
-    """:func:`case_dice` keyed by case identifier."""
+    """Case identifier -> mean Dice over the foreground labels/regions with a defined Dice, per case of
+    nnU-Net's ``summary.json`` (cases where no label has one are left out)."""
     values = {}
     for case in summary["metric_per_case"]:
         dice = [m["Dice"] for m in case["metrics"].values() if m.get("Dice") is not None and not math.isnan(m["Dice"])]
