@@ -48,7 +48,7 @@ def review(runs: Sequence[Any], dice_rows: list[dict[str, Any]], output: Path, p
     statistics = comparison_table(dice, references, "dice") + comparison_table(nsd_values, references, "nsd")
     result.marks = significance_marks(statistics, {SCRATCH: "s", **{name: "b" for name in baselines}})
     result.tables.update({"statistics": statistics, "nsd_classes": per_class, "nsd_missing": missing})
-    result.sections += [_nsd_markdown(dice_rows, per_class, missing, tolerance_settings),
+    result.sections += [_nsd_markdown(dice_rows, missing, tolerance_settings, result.marks),
                         _statistics_markdown(statistics)]
     cka_rows, cka_text, cka_figures = cka_section(cka_dir, output)
     result.tables["cka"] = cka_rows
@@ -142,18 +142,19 @@ def _group(items: Sequence[Any], key: Callable[[Any], tuple]) -> dict[tuple, lis
     return groups
 
 
-def _nsd_markdown(dice_rows: list[dict], per_class: list[dict], missing: list[dict],
-                  tolerance_settings: Mapping[str, Any]) -> str:
+def _nsd_markdown(dice_rows: list[dict], missing: list[dict], tolerance_settings: Mapping[str, Any],
+                  marks: Mapping[tuple, str]) -> str:
     rows = [r for r in dice_rows if r.get("nsd_cases")]
     parts = ["## Surface Dice (NSD)\n",
              "Normalized surface Dice per validation case (mean over the foreground classes present in prediction "
              "or reference), then mean ± standard deviation over all cases of all folds, beside Dice in "
-             "`dice.csv`; per class in `nsd_classes.csv`. Tolerances (mm, from the benchmark plan's "
+             "`dice.csv`; per class in `nsd_classes.csv`; marks as for Dice. Tolerances (mm, from the benchmark plan's "
              "`nsd_tolerance_mm`; 2 mm where a task sets none): "
              + (", ".join(f"{task}: {setting if setting is not None else 2}" for task, setting in
                           tolerance_settings.items() if any(task in r["task"] for r in dice_rows)) or "2") + ".\n"]
     if rows:
-        parts.append(markdown_table([{**r, "NSD": _pm(r)} for r in rows],
+        parts.append(markdown_table([{**r, "NSD": f"{_pm(r)} {marks.get((r['task'], r['shot'], r['method'], 'nsd'), '')}"
+                                      .strip()} for r in rows],
                                     ["task", "shot", "method", "family", "nsd_cases", "NSD", "dice_mean"]))
     else:
         parts.append("No NSD values.\n")
