@@ -280,7 +280,8 @@ def _finetune_job(study: Study, task: TaskSpec, trainer: str, pretrained: bool, 
     command += ["-p", plans] if plans != "nnUNetPlans" else []
     command += [*_device_flag(settings), *(["--c"] if run_state == RESUME else [])]
     # a baseline is no SwinUNETR: of the knobs it reads at most the schedule's (nnUNetTrainer_nnsslSchedule)
-    env = {**({} if baseline else {"nnssl_backbone": study.backbone}), **study.finetune_env}
+    env = {**({} if baseline else {"nnssl_backbone": study.backbone}), **study.finetune_env,
+           **(baseline.finetune_env if baseline else {})}
     if pretrained:
         env["nnssl_run"] = study.corpus_run  # the study's pretraining run, not whichever is newest
     name = trainer if (plans, configuration) == (study.plans_identifier, study.configuration) else \

@@ -54,6 +54,7 @@ class BaselineSpec:
     trainer: str  # e.g. "nnUNetTrainer"
     configuration: str
     plans_identifier: str
+    finetune_env: dict[str, str] = field(default_factory=dict)  # over the study's, e.g. a CNN's own schedule
 
     @property
     def folder_name(self) -> str:
@@ -106,10 +107,12 @@ class Study:
 
 
 def parse_baselines(entries: dict[str, Any], configuration: str) -> dict[str, BaselineSpec]:
-    """The ``baselines`` section: name -> {"trainer", "configuration", "plans_identifier"} (the last two default
-    to the configuration of the study and nnU-Net's ``nnUNetPlans``)."""
+    """The ``baselines`` section: name -> {"trainer", "configuration", "plans_identifier", "finetune_env"} (the
+    configuration defaults to the study's, the plans to nnU-Net's ``nnUNetPlans``; ``finetune_env`` entries
+    replace the study's for this trainer)."""
     return {name: BaselineSpec(name, entry["trainer"], entry.get("configuration", configuration),
-                               entry.get("plans_identifier", "nnUNetPlans"))
+                               entry.get("plans_identifier", "nnUNetPlans"),
+                               {str(k): str(v) for k, v in entry.get("finetune_env", {}).items()})
             for name, entry in entries.items() if not name.startswith("_")}
 
 
