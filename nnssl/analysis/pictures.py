@@ -17,7 +17,6 @@ import numpy as np
 from nnssl.analysis import plots
 from nnssl.analysis.references import BASELINE
 from nnssl.analysis.results import MANY_SHOT, SCRATCH, UNKNOWN
-from nnssl.errors import NnsslError
 from nnssl.io import load_json
 from nnssl.paths import nnunet_preprocessed, nnunet_raw, nnunet_results
 
@@ -94,7 +93,7 @@ def overlay(task: str, runs: Sequence[Any], rows: list[dict], path: Path) -> str
             panels.append((f"{method}, {shot}\nDice {run.case_dice[run.case_ids.index(case)]:.2f}", run))
     try:
         drawn = _draw(task, case, panels, path)
-    except (OSError, KeyError, ValueError, NnsslError) as err:  # e.g. $nnUNet_raw unset: no image to draw on
+    except Exception as err:  # noqa: BLE001  a picture is never worth losing the report (e.g. $nnUNet_raw unset)
         log.warning("nnssl_report: no overlay figure for %s (%s: %s)", task, type(err).__name__, err)
         return None
     return f"Segmentations of {case} (Dice nearest the median): {task}" if drawn else None

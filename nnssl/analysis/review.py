@@ -88,6 +88,9 @@ def collect_nsd(runs: Sequence[Any], tolerance_settings: Mapping[str, Any]
                                       "summary.json"), class_tolerances(dataset_json["labels"], setting), retry)
         except NsdMissing as reason:
             missing.append(_missing_row(run, str(reason)))
+        except (RuntimeError, OSError, ValueError) as err:  # unreadable files (SimpleITK raises RuntimeError)
+            missing.append(_missing_row(run, f"NSD could not be computed ({type(err).__name__}: {err}); check the "
+                                             f"files of {fold_dir / 'validation'}, or re-create them with: {retry}"))
     missing += [_missing_row(r, f"{r.status}: {r.detail}") for r in runs if not r.case_dice and r.status != "missing"]
     per_class = []
     for (task, method, shot), group in _group(validated, lambda r: (r.task, r.method, r.shot)).items():
