@@ -86,6 +86,7 @@ def case_nsd(reader: Any, prediction: Path, reference: Path, tolerances: Mapping
     one_hot = [torch.from_numpy(np.stack([seg[0] == label for label in labels]))[None] for seg in (predicted, truth)]
     with warnings.catch_warnings():  # MONAI warns for every class absent from a side; NaN/0 say it already
         warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # MONAI 1.5 deprecations inside its own functions
         values = compute_surface_dice(*one_hot, class_thresholds=[tolerances[k] for k in labels],
                                       include_background=True, spacing=[float(s) for s in properties["spacing"]])
     return {label: float(value) for label, value in zip(labels, values[0].tolist())}

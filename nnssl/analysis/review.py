@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from nnssl.analysis import pictures
 from nnssl.analysis.cka_summary import cka_section
-from nnssl.analysis.nsd import NsdMissing, class_tolerances, fold_nsd
+from nnssl.analysis.nsd import DEFAULT_TOLERANCE_MM, NsdMissing, class_tolerances, fold_nsd
 from nnssl.analysis.references import BASELINE
 from nnssl.analysis.results import SCRATCH
 from nnssl.analysis.stats import ALPHA, MIN_PAIRS, TOO_FEW, comparison_table, significance_marks
@@ -151,10 +151,10 @@ def _nsd_markdown(dice_rows: list[dict], missing: list[dict], tolerance_settings
     parts = ["## Surface Dice (NSD)\n",
              "Normalized surface Dice per validation case (mean over the foreground classes present in prediction "
              "or reference), then mean ± standard deviation over all cases of all folds, beside Dice in "
-             "`dice.csv`; per class in `nsd_classes.csv`; marks as for Dice. Tolerances (mm, from the benchmark plan's "
-             "`nsd_tolerance_mm`; 2 mm where a task sets none): "
-             + (", ".join(f"{task}: {setting if setting is not None else 2}" for task, setting in
-                          tolerance_settings.items() if any(task in r["task"] for r in dice_rows)) or "2") + ".\n"]
+             "`dice.csv`; per class in `nsd_classes.csv`; marks as for Dice. Tolerances (mm, from the benchmark "
+             f"plan's `nsd_tolerance_mm`; {DEFAULT_TOLERANCE_MM:g} mm where a task sets none): "
+             + ("; ".join(f"{task}: {_tolerance_text(setting)}" for task, setting in tolerance_settings.items()
+                          if any(task in r["task"] for r in dice_rows)) or f"{DEFAULT_TOLERANCE_MM:g}") + ".\n"]
     if rows:
         parts.append(markdown_table([{**r, "NSD": f"{_pm(r)} {marks.get((r['task'], r['shot'], r['method'], 'nsd'), '')}"
                                       .strip()} for r in rows],
@@ -165,6 +165,12 @@ def _nsd_markdown(dice_rows: list[dict], missing: list[dict], tolerance_settings
         parts += ["\nNSD missing (`nsd_missing.csv`): the Dice tables above still hold these runs where they were "
                   "validated.\n", markdown_table(missing, ["task", "method", "fold", "shot", "reason"])]
     return "\n".join(parts)
+
+
+def _tolerance_text(setting: Any) -> str:
+    if isinstance(setting, Mapping):
+        return ", ".join(f"{name} {mm}" for name, mm in setting.items())
+    return str(setting if setting is not None else DEFAULT_TOLERANCE_MM)
 
 
 def _pm(row: dict) -> str:
