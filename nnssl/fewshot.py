@@ -18,6 +18,7 @@ long as their folds are what version 2 draws; otherwise they are refused, never 
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Sequence
 from nnssl.errors import NnsslError
 from nnssl.fewshot_selection import (CaseLabels, covering_order, preprocessed_data_folders, read_case_labels,
                                      uncovered_labels)
-from nnssl.io import load_json, save_json
+from nnssl.io import CONCURRENT_WRITE_WAIT_S, load_json, locked, save_json
 from nnssl.paths import dataset_folder, nnunet_preprocessed
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,19 @@ FEWSHOT_VERSION = 2  # 1: label-blind hash order; 2: label-covering order (nnssl
 SPLITS_FILENAME = "splits_final.json"
 NUM_MANY_SHOT_FOLDS = 5
 NNUNET_SPLIT_SEED = 12345  # nnUNetTrainer.do_split: generate_crossval_split(cases, seed=12345, n_splits=5)
+
+
+def _one_writer_per_dataset(add):
+    """Run ``add(dataset, ...)`` holding the lock of the dataset's ``splits_final.json``: two nnssl_fewshot (or
+    study drivers) at once take turns, so the second reads the first's folds and numbers its own after them."""
+
+    @functools.wraps(add)
+    def add_locked(dataset: str | int, *args, **kwargs):
+        folder = dataset_folder(nnunet_preprocessed(), dataset, "nnUNet_preprocessed")
+        with locked(folder / SPLITS_FILENAME):
+            return add(dataset, *args, **kwargs)
+
+    return add_locked
 
 
 def plan_fewshot_folds(shots: list[int], base_folds: list[int], seed: int,
@@ -92,7 +106,7 @@ def _load_fewshot_file(folder: Path) -> tuple[int, dict[str, dict]]:
     if not path.is_file():
         return FEWSHOT_VERSION, {}
     try:
-        data = load_json(path)
+        data = load_json(path, wait_s=CONCURRENT_WRITE_WAIT_S)
     except (OSError, json.JSONDecodeError) as err:
         raise NnsslError(f"{path} is damaged ({err}). Restore it from a backup, or delete it together with "
                          f"the few-shot folds it describes in {SPLITS_FILENAME}.") from None
@@ -108,6 +122,7 @@ def _load_fewshot_file(folder: Path) -> tuple[int, dict[str, dict]]:
     return int(data.get("version", 1)), folds
 
 
+@_one_writer_per_dataset
 def add_fewshot_folds(dataset: str | int, shots: Sequence[int], folds: Sequence[int] | None = None,
                       seed: int = 0) -> list[FewshotFold]:
     """Append few-shot folds to ``$nnUNet_preprocessed/<dataset>/splits_final.json``; returns the requested folds.
@@ -184,7 +199,7 @@ def _label_names(folder: Path) -> dict:
 
 def _load_splits(path: Path) -> list[dict[str, list[str]]]:
     try:
-        splits = load_json(path)
+        splits = load_json(path, wait_s=CONCURRENT_WRITE_WAIT_S)  # nnU-Net may be writing it (do_split)
     except (OSError, json.JSONDecodeError) as err:
         raise NnsslError(f"{path} is damaged ({err}). Restore it, or delete it to have nnU-Net's default 5-fold "
                          f"split recreated (few-shot folds must then be added again).") from None
