@@ -64,7 +64,7 @@ def test_dry_run_lists_every_command_of_the_full_study(no_roots):
     trainers = [m.trainer for m in study.methods.values()] + ["nnUNetTrainer"]  # the plan's nnU-Net baseline
     assert runs == set(itertools.product([t.dataset_id for t in study.tasks.values()], range(20), trainers))
     baseline = next(j for j in jobs["finetune"] if j.command[5] == "nnUNetTrainer" and j.command[3] == "7")
-    assert baseline.shell() == "nnUNetv2_train 3 3d_fullres 7 -tr nnUNetTrainer"
+    assert baseline.shell() == "nnUNetv2_train 3 3d_fullres 7 -tr nnUNetTrainer -p nnsslPlans"  # the same data
     assert set(baseline.deps) == {"plan/Dataset003_Liver", "fewshot/Dataset003_Liver/seed0"}
     smit = next(j for j in jobs["finetune"] if j.command[:6] == ("nnUNetv2_train", "3", "3d_fullres", "7", "-tr",
                                                                    "SwinUNETR_SMIT_Trainer"))
