@@ -143,7 +143,7 @@ def add_fewshot_folds(dataset: str | int, shots: Sequence[int], folds: Sequence[
     if seed < 0:
         raise NnsslError(f"--seed must be 0 or positive; got {seed}.")
     splits_path = folder / SPLITS_FILENAME
-    splits = _load_splits(splits_path) if splits_path.is_file() else _default_splits(folder)
+    splits = load_splits(folder)
     version, recorded = _load_fewshot_file(folder)
     base_folds = _base_folds(folds, splits, recorded, splits_path)
     _check_shots(shots, base_folds, splits, folder.name)
@@ -195,6 +195,13 @@ def _label_names(folder: Path) -> dict:
     except (OSError, ValueError, AttributeError):
         return {}
     return {(tuple(v) if isinstance(v, list) else v): name for name, v in labels.items()}
+
+
+def load_splits(folder: Path) -> list[dict[str, list[str]]]:
+    """``folder/splits_final.json``, or nnU-Net's default 5-fold split of the preprocessed cases when the file
+    does not exist yet (what ``nnUNetv2_train`` would write; nothing is written here)."""
+    path = Path(folder) / SPLITS_FILENAME
+    return _load_splits(path) if path.is_file() else _default_splits(Path(folder))
 
 
 def _load_splits(path: Path) -> list[dict[str, list[str]]]:

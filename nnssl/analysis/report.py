@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from nnssl.analysis import plots
+from nnssl.analysis.probe_table import MIN_METHODS, probe_tables, read_probes
 from nnssl.analysis.protocol import alignment_rows, budget_rows, protocol_sections
 from nnssl.analysis.references import BASELINE, is_ranked, report_baselines
 from nnssl.analysis.results import (MANY_SHOT, SCRATCH, UNKNOWN, ModelFolder, case_id, dataset_modality,
@@ -342,8 +343,9 @@ def _sorted(rows: list[dict]) -> list[dict]:
 # -- the report -------------------------------------------------------------------------------------------
 def make_report(datasets: Sequence[str] | None = None, output: str | Path = "nnssl_report",
                 plan: str | Path | None = None, baselines: Sequence[str] | None = None, rank_baselines: bool = False,
-                cka_dir: str | Path | None = None) -> dict[str, Any]:
-    """Collect every nnssl SwinUNETR fold under ``$nnUNet_results`` and write the report to ``output``.
+                cka_dir: str | Path | None = None, probe: str | Path | None = None) -> dict[str, Any]:
+    """Collect every nnssl SwinUNETR fold under ``$nnUNet_results`` and write the report to ``output``;
+    ``probe``: a folder with ``nnssl_probe`` results (probe.json files) for the probe Dice column.
 
     ``plan``: the benchmark plan (default ``plans/benchmark.json``) naming the baselines (reference rows,
     ranked only with ``rank_baselines``; ``baselines`` names others) and the NSD tolerances; ``cka_dir``: where
@@ -367,6 +369,7 @@ def make_report(datasets: Sequence[str] | None = None, output: str | Path = "nns
         "alignment": alignment_rows(runs),
         "budget": budget_rows(runs),
     }
+    tables["probe"], tables["probe_correlation"] = probe_tables(dice_rows, read_probes(probe))
     tables["problems"] = [row for row in tables["folds"] if row["status"] != FINISHED]
     tables.update(extras.tables)
     for name, rows in tables.items():
@@ -486,6 +489,12 @@ def _markdown(runs: list[FoldRun], tables: dict[str, list[dict]], notes: list[st
           "MRI_minus_CT"]),
         ("Method families", "Means over tasks and member methods of the mean Dice and rank.", "families",
          ["family", "shot", "modality", "methods", "tasks", "dice_mean", "average_rank"]),
+        ("Probe Dice", "Linear-probe Dice of each method's encoder (`nnssl_probe`; scratch: the random encoder) "
+         "beside its fine-tuning Dice. The probe is a cheap proxy; fine-tuning is the result.", "probe",
+         ["task", "shot", "method", "probe_dice", "finetune_dice"]),
+        ("Does the probe predict fine-tuning?", "Spearman rank correlation between probe and fine-tuning Dice across "
+         f"methods, per task and shot setting (at least {MIN_METHODS} methods).", "probe_correlation",
+         ["task", "shot", "methods", "spearman_rho", "p_value"]),
         ("Missing and unfinished runs", "Every task x method x fold that another method of the task has, "
          "without a validated result.", "problems", ["task", "method", "fold", "shot", "status", "detail"]),
     ]

@@ -27,13 +27,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="rank the baselines among the SSL methods (default: reference rows without a rank)")
     parser.add_argument("--cka", metavar="DIR", help="folder searched for nnssl_cka results (cka.json) of few- vs "
                                                      "many-shot models, for the feature-reuse section")
+    parser.add_argument("--probe", metavar="DIR",
+                        help="folder with nnssl_probe results (probe.json files, searched recursively): adds probe "
+                             "Dice beside fine-tuning Dice and their rank correlation across methods")
     args = parser.parse_args(argv)
     setup_logging()
     with exit_on_user_error("nnssl_report"):
         from nnssl.analysis.report import make_report
 
         tables = make_report(datasets=args.datasets or None, output=args.output, plan=args.plan,
-                             baselines=args.baselines, rank_baselines=args.rank_baselines, cka_dir=args.cka)
+                             baselines=args.baselines, rank_baselines=args.rank_baselines, cka_dir=args.cka,
+                             probe=args.probe)
     problems = len(tables["problems"])
     print(f"wrote {args.output}/report.md ({len(tables['dice'])} task x method x shot rows"
           f"{f', {problems} missing or unfinished runs listed' if problems else ''})")
