@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nnssl.benchmark.allocation import local_share
 from nnssl.benchmark.executor import FAILED, INTERRUPTED, SKIPPED, JobResult, format_summary, run_jobs
 from nnssl.benchmark.jobs import DONE, KINDS, DiskState, Job, Settings, StudyPlan, plan_study, select
 from nnssl.benchmark.study import Study, load_study
@@ -49,10 +50,12 @@ def run_benchmark(tasks: list[str] | None = None, methods: list[str] | None = No
         return BenchmarkOutcome(study_plan, format_plan(study_plan, out / "logs"))
     if study_plan.missing:
         raise NnsslError("Some inputs of the study are missing:\n  " + "\n  ".join(study_plan.missing))
-    slots, env = cpu_slots(jobs) if device == "cpu" else (gpu_slots(gpus), {})
-    log.info("%d jobs, %d to run, on %s", len(study_plan.jobs), sum(j.state != DONE for j in study_plan.jobs),
-             f"GPUs {slots}" if device != "cpu" else f"the CPU ({len(slots)} training job(s) at a time)")
-    results = run_jobs(study_plan.jobs, out / "logs", gpu_slots=slots, env=env,
+    slots = cpu_slots(jobs) if device == "cpu" else gpu_slots(gpus)
+    cores = local_share(len(slots))
+    log.info("%d jobs, %d to run, on %s, %d core(s) each", len(study_plan.jobs),
+             sum(j.state != DONE for j in study_plan.jobs),
+             f"GPUs {slots}" if device != "cpu" else f"the CPU ({len(slots)} training job(s) at a time)", cores)
+    results = run_jobs(study_plan.jobs, out / "logs", gpu_slots=slots, cores_per_job=cores,
                        check=lambda job: check_fewshot(job, state.preprocessed_dir))
     save_json([{"id": r.job.id, "status": r.status, "returncode": r.returncode, "seconds": round(r.seconds, 1),
                 "message": r.message, "log": r.log, "command": r.job.shell()} for r in results],
@@ -71,15 +74,13 @@ def _disk_state(study: Study, must_exist: bool) -> DiskState:
     return DiskState(*roots, study=study)
 
 
-def cpu_slots(jobs: int | None) -> tuple[list[None], dict[str, str]]:
-    """``jobs`` training jobs at a time on the CPU, and the environment that gives each its share of the cores
-    (``OMP_NUM_THREADS``; tiny networks run faster side by side than one after another on all cores)."""
+def cpu_slots(jobs: int | None) -> list[None]:
+    """``jobs`` training jobs at a time on the CPU, each with its share of the cores (tiny networks run faster
+    side by side than one after another on all cores)."""
     jobs = 1 if jobs is None else jobs
     if jobs < 1:
         raise NnsslError(f"--jobs must be >= 1; got {jobs}.")
-    if jobs == 1:
-        return [None], {}
-    return [None] * jobs, {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // jobs))}
+    return [None] * jobs
 
 
 def gpu_slots(count: int | None) -> list[str]:
