@@ -199,10 +199,11 @@ def _stop(running: list[_Running], results: dict[str, JobResult]) -> None:
                                          item.log, "stopped by Ctrl-C", time.monotonic() - item.start)
 
 
-def format_summary(results: Sequence[JobResult]) -> str:
-    """Counts per status and kind, then every job that did not succeed with its reason and log."""
+def format_summary(results: Sequence[JobResult],
+                   statuses: Sequence[str] = (OK, ALREADY_DONE, FAILED, SKIPPED, INTERRUPTED)) -> str:
+    """Counts per status (columns ``statuses``) and kind, then every job that did not succeed with its reason
+    and log."""
     kinds = list(dict.fromkeys(r.job.kind for r in results))
-    statuses = (OK, ALREADY_DONE, FAILED, SKIPPED, INTERRUPTED)
     lines = [f"{'jobs':<10}" + "".join(f"{s:>12}" for s in statuses)]
     for kind in kinds:
         counts = [sum(r.job.kind == kind and r.status == s for r in results) for s in statuses]
@@ -211,6 +212,8 @@ def format_summary(results: Sequence[JobResult]) -> str:
     if bad:
         lines.append(f"\n{len(bad)} job(s) did not succeed:")
         lines += [f"  {r.status:<11} {r.job.id}: {r.message}" + (f" (log: {r.log})" if r.log else "") for r in bad]
-    else:
+    elif all(r.status in (OK, ALREADY_DONE) for r in results):
         lines.append("\nall jobs succeeded")
+    else:
+        lines.append("\nno job failed so far")
     return "\n".join(lines)

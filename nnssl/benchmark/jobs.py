@@ -21,7 +21,7 @@ Jobs, in the order they are listed (and started when their dependencies allow):
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -53,6 +53,18 @@ class Job:
     def shell(self) -> str:
         """The command as one shell line, environment assignments first."""
         return " ".join([f"{k}={_quote(v)}" for k, v in self.env] + [_quote(c) for c in self.command])
+
+
+RESUME_FLAGS = {"pretrain": "--resume", "finetune": "--c"}  # both start afresh when there is nothing to continue
+
+
+def resumable(job: Job) -> Job:
+    """``job`` with its continue flag (``nnssl_pretrain --resume``, ``nnUNetv2_train --c``) whatever the disk
+    holds now: a job that is requeued after a time limit or preemption continues from its last checkpoint."""
+    flag = RESUME_FLAGS.get(job.kind)
+    if flag is None or flag in job.command:
+        return job
+    return replace(job, command=(*job.command, flag))
 
 
 def _quote(arg: str) -> str:
