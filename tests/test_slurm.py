@@ -21,6 +21,7 @@ from nnssl.benchmark.slurm_job import outcome_path
 
 from conftest import CORPUS_ID, TINY_PRETRAIN, run_cli
 
+CORPUS = f"Dataset{CORPUS_ID:03d}_CTcorpus"
 WAIT_SECONDS = 600  # bound on every wait for the cluster (the node is shared with other test runs)
 
 
@@ -69,17 +70,21 @@ def _release_requeued(slurm_id: str) -> bool:
     return bool(jobs)
 
 
-@pytest.fixture
-def study_folders(tmp_path, ct_task, pretrain_corpus, nnunet_env) -> dict[str, str]:
-    """Private nnU-Net folders holding copies of the preprocessed CT task and corpus (jobs write into them)."""
+def _private_folders(tmp_path: Path, nnunet_env, datasets: list[str]) -> dict[str, str]:
+    """Private nnU-Net folders holding copies of the session's preprocessed ``datasets`` (jobs write into them)."""
     preprocessed = tmp_path / "preprocessed"
-    for dataset in (ct_task.dataset, f"Dataset{CORPUS_ID:03d}_CTcorpus"):
+    for dataset in datasets:
         shutil.copytree(nnunet_env.preprocessed / dataset, preprocessed / dataset)
     folders = {"nnUNet_raw": tmp_path / "raw", "nnUNet_preprocessed": preprocessed,
                "nnUNet_results": tmp_path / "results", "nnssl_results": tmp_path / "nnssl_results"}
     for folder in folders.values():
         folder.mkdir(exist_ok=True)
     return {k: str(v) for k, v in folders.items()}
+
+
+@pytest.fixture
+def study_folders(tmp_path, ct_task, pretrain_corpus, nnunet_env) -> dict[str, str]:
+    return _private_folders(tmp_path, nnunet_env, [ct_task.dataset, CORPUS])
 
 
 def _study_plan(path: Path, ct_task) -> Path:
@@ -158,7 +163,7 @@ def test_cancel_stops_the_study_and_status_shows_it(slurm, study_folders, ct_tas
     assert "queued" not in status.split("\n\n")[-1] and "ended without an outcome" in status
 
 
-def test_ddp_pretraining_under_slurm_is_preempted_requeued_and_finishes(slurm, study_folders, tmp_path):
+def test_ddp_pretraining_under_slurm_is_preempted_requeued_and_finishes(slurm, pretrain_corpus, nnunet_env, tmp_path):
     """2 tasks (gloo) take torch.distributed from Slurm; Slurm's signal to task 0 stops both ranks at one step
     with a checkpoint, the job is requeued and continues to the same step count as an uninterrupted run."""
     steps = 40
@@ -167,6 +172,7 @@ def test_ddp_pretraining_under_slurm_is_preempted_requeued_and_finishes(slurm, s
     job = Job("pretrain/rotnet", "pretrain", command, gpu=True)
     cluster = load_cluster(None, {"cpus_per_job": 1, "pretrain_tasks_per_node": 2, "time": "15"})
     out = tmp_path / "out"
+    study_folders = _private_folders(tmp_path, nnunet_env, [CORPUS])
     with pytest.MonkeyPatch.context() as patch:
         for name, value in study_folders.items():
             patch.setenv(name, value)

@@ -52,12 +52,13 @@ def slurm_job_id() -> str:
     return os.environ.get("SLURM_JOB_ID", "?")
 
 
-def _ignore_preemption_signal() -> None:
-    """In the child before exec: submitit's signal is the wrapper's business (an ignored signal stays ignored
-    across exec; nnssl_pretrain and nnUNetv2_train never install a handler for it)."""
+def _ignoring_preemption_signal():
+    """A ``preexec_fn`` for the child: submitit's signal is the wrapper's business (an ignored signal stays
+    ignored across exec; nnssl_pretrain and nnUNetv2_train never install a handler for it)."""
     from submitit.core.job_environment import JobEnvironment
 
-    signal.signal(JobEnvironment._usr_sig(), signal.SIG_IGN)
+    number = JobEnvironment._usr_sig()
+    return lambda: signal.signal(number, signal.SIG_IGN)
 
 
 def distributed_env() -> dict[str, str]:
@@ -100,7 +101,7 @@ class SlurmCommand:
             handle.write(log_header(self.job, env, where))
             handle.flush()
             self._process = subprocess.Popen(self.job.command, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, preexec_fn=_ignore_preemption_signal)
+                                             stdin=subprocess.DEVNULL, preexec_fn=_ignoring_preemption_signal())
             code = self._process.wait()
             message = f"exit status {code}" if code else self._check()
             if message:
@@ -126,13 +127,23 @@ class SlurmCommand:
         saves, then requeue this same command (it continues: ``--resume`` / ``--c``)."""
         from submitit.helpers import DelayedSubmission
 
-        process = self._process
-        if process is not None and process.poll() is None:
+        if self._process is not None:
             log.warning("nnssl_benchmark: %s signalled by Slurm; stopping the command so it checkpoints", self.job.id)
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=CHILD_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            _stop(self._process.pid)
         return DelayedSubmission(SlurmCommand(self.job, self.log_dir, self.outcome_dir, self.preprocessed))
+
+
+def _stop(pid: int) -> None:
+    """SIGTERM, wait up to the grace, then SIGKILL. With os.waitpid, not Popen.wait: this runs in a signal
+    handler that interrupted ``Popen.wait`` in ``__call__``, which holds the lock Popen's own waiting needs."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + CHILD_GRACE_SECONDS
+        while time.monotonic() < deadline:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+            time.sleep(0.2)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ChildProcessError, ProcessLookupError):  # it had ended already
+        return
