@@ -166,7 +166,7 @@ def test_cancel_stops_the_study_and_status_shows_it(slurm, study_folders, ct_tas
 def test_ddp_pretraining_under_slurm_is_preempted_requeued_and_finishes(slurm, pretrain_corpus, nnunet_env, tmp_path):
     """2 tasks (gloo) take torch.distributed from Slurm; Slurm's signal to task 0 stops both ranks at one step
     with a checkpoint, the job is requeued and continues to the same step count as an uninterrupted run."""
-    steps = 40
+    steps = 24
     command = ("nnssl_pretrain", "-m", "rotnet", "-d", str(CORPUS_ID), *TINY_PRETRAIN, "--epochs", "1",
                "--steps-per-epoch", str(steps), "--run", "slurm_ddp", "--plans-override", "log_every=1")
     job = Job("pretrain/rotnet", "pretrain", command, gpu=True)
