@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnssl.benchmark.cluster import load_cluster, sbatch_options
-from nnssl.benchmark.jobs import Job
-from nnssl.benchmark.slurm import Submission, submit
+from nnssl.benchmark.cluster import load_cluster, minutes, sbatch_options
+from nnssl.benchmark.jobs import DONE, Job, StudyPlan
+from nnssl.benchmark.slurm import (Submission, dependency, format_submissions, job_statuses, plan_submissions,
+                                   submit)
 from nnssl.benchmark.slurm_job import outcome_path
+from nnssl.errors import NnsslError
+from nnssl.io import save_json
 
 from conftest import CORPUS_ID, TINY_PRETRAIN, run_cli
 
@@ -196,3 +199,55 @@ def test_ddp_pretraining_under_slurm_is_preempted_requeued_and_finishes(slurm, p
     assert rows == list(range(1, steps + 1))  # every step once: none lost, none repeated
     final = torch.load(run / "checkpoint_final.pth", weights_only=False)
     assert final["step"] == steps and len(final["rng"]) == 2  # both ranks' RNG: DDP was initialised
+
+
+# -- without a cluster ---------------------------------------------------------------------------------------
+def test_cluster_settings_from_file_and_flags(tmp_path):
+    path = tmp_path / "cluster.json"
+    path.write_text(json.dumps({"cluster": {"partition": "gpu", "time": "2-00:00:00", "pretrain_nodes": 2,
+                                            "pretrain_gpus_per_node": 8, "sbatch": ["--exclusive"]}}))
+    cluster = load_cluster(path, {"partition": "a100", "time": None})
+    assert (cluster.partition, minutes(cluster.time)) == ("a100", 2880)  # a flag wins; an unset flag does not
+    pretrain = sbatch_options(cluster, Job("pretrain/smit", "pretrain", ("x",), gpu=True), "cuda", "n", None)
+    assert {k: pretrain[k] for k in ("nodes", "ntasks-per-node", "gpus-per-node", "exclusive")} == {
+        "nodes": "2", "ntasks-per-node": "8", "gpus-per-node": "8", "exclusive": ""}
+    finetune = sbatch_options(cluster, Job("finetune/x", "finetune", ("x",), gpu=True), "cuda", "n", None)
+    assert (finetune["nodes"], finetune["gpus-per-node"], finetune["kill-on-invalid-dep"]) == ("1", "1", "yes")
+    assert "gpus-per-node" not in sbatch_options(cluster, Job("fewshot/x", "fewshot", ("x",)), "cuda", "n", None)
+    assert [minutes(t) for t in ("90", "0:30", "1:30:00", "1-12")] == [90, 1, 90, 2160]
+    with pytest.raises(NnsslError, match=r"Unknown cluster setting\(s\) \['gpu'\]"):
+        load_cluster(None, {"gpu": 1})
+    with pytest.raises(NnsslError, match="not a Slurm time"):
+        load_cluster(None, {"time": "tomorrow"})
+    with pytest.raises(NnsslError, match="not an sbatch long option"):
+        load_cluster(None, {"sbatch": ["-x"]})
+
+
+def test_resubmission_plan_leaves_queued_jobs_and_depends_on_them(tmp_path):
+    """What a re-run submits: nothing for queued/running/done jobs, the failed job and what it blocked again,
+    with afterok on the queued job they need."""
+    jobs = [Job("pretrain/a", "pretrain", ("p",), gpu=True), Job("plan/t", "plan", ("q",), DONE),
+            *[Job(f"finetune/t/a/fold_{f}", "finetune", ("f", str(f)), deps=("plan/t", "pretrain/a"), gpu=True)
+              for f in (0, 1)],
+            Job("cka/t/a", "cka", ("c",), deps=("finetune/t/a/fold_0", "finetune/t/a/fold_1"), gpu=True)]
+    jobs.append(Job("report", "report", ("r",), after=tuple(j.id for j in jobs[2:])))
+    plan = StudyPlan(jobs)
+    out = tmp_path / "out"
+    records = {"pretrain/a": {"slurm_id": "7"}, "finetune/t/a/fold_0": {"slurm_id": "8_0"},
+               "finetune/t/a/fold_1": {"slurm_id": "8_1"}, "cka/t/a": {"slurm_id": "9"}, "report": {"slurm_id": "10"}}
+    save_json({"slurm_id": "8_1", "status": "failed", "returncode": 1, "message": "exit status 1"},
+              outcome_path(out / "slurm" / "outcomes", "finetune/t/a/fold_1"))
+    live = {"7": ("RUNNING", "None"), "8_0": ("PENDING", "Dependency"), "9": ("CANCELLED", "DependencyNeverSatisfied"),
+            "10": ("COMPLETED", "None")}
+    statuses = job_statuses(plan, out, records, live)
+    assert [r.status for r in statuses] == ["running", "done", "queued", "failed", "skipped", "interrupted"]
+    submissions, left_alone = plan_submissions(plan, statuses, records, load_cluster(None, {}), "cuda")
+    assert left_alone == {"pretrain/a": "7", "finetune/t/a/fold_0": "8_0"}
+    assert [[j.id for j in s.jobs] for s in submissions] == [["finetune/t/a/fold_1"], ["cka/t/a"], ["report"]]
+    assert submissions[0].needs == {"afterok": ("pretrain/a",)}  # plan/t is done: no dependency on it
+    ids = {**left_alone, "finetune/t/a/fold_1": "11", "cka/t/a": "12"}
+    assert dependency(submissions[1].needs, ids) == "afterok:8_0:11"
+    assert dependency(submissions[2].needs, ids) == "afterany:8:11:12"
+    text = format_submissions(submissions, load_cluster(None, {}), left_alone, out)
+    assert "--dependency=afterok:7 " in text and "--dependency='afterok:8_0:<finetune/t/a/fold_1>'" in text
+    assert "  f 1 --c\n" in text  # the command as the requeued job runs it too

@@ -180,12 +180,13 @@ def format_submissions(submissions: Sequence[Submission], cluster: ClusterSettin
     count = sum(len(s.jobs) for s in submissions)
     lines = [f"# --executor slurm: {len(submissions)} submission(s), {count} job(s), "
              f"{sum(len(s.jobs) > 1 for s in submissions)} of them arrays; {len(left_alone)} job(s) already queued "
-             f"or running are left alone. Dependencies name study jobs; Slurm ids replace them when submitted. "
+             f"or running are left alone. Dependencies name queued jobs by Slurm id, the others as <study job> until they are submitted. "
              f"Each job runs its command through submitit ({slurm_folder(output) / 'submitit'}), output in "
              f"{output / 'logs'}/<job>.log"]
     for submission in submissions:
         options = dict(submission.options)
-        dep = dependency(submission.needs, {i: f"<{i}>" for ids in submission.needs.values() for i in ids})
+        dep = dependency(submission.needs, {i: left_alone.get(i, f"<{i}>") for ids in submission.needs.values()
+                                            for i in ids})
         if dep:
             options["dependency"] = dep
         options["signal"] = f"USR2@{cluster.signal_delay_s}"
