@@ -55,40 +55,56 @@ def measured_pretrain_hours(run: Path) -> float | None:
     return per_step * settings["epochs"] * settings["steps_per_epoch"] / 3600
 
 
+Hours = tuple[float, float] | None  # low and high GPU-hours; None: unknown
+
+
 def estimate_study(study: Study, plan: StudyPlan, state: DiskState) -> str:
-    """The table ``--estimate`` prints."""
-    rows = []
+    """The table ``--estimate`` prints: kind, jobs left, GPU-hours, basis; then the total."""
+    rows: list[tuple[str, int, Hours, str]] = []
     todo = [j for j in plan.jobs if j.state != DONE]
     finetunes = [j for j in todo if j.kind == "finetune"]
     if finetunes:
         measured = measured_finetune_hours(study, state)
+        planned = _plan_hours(study, "finetune_run")
         if measured:
             hours, count = measured
-            rows.append(("finetune", len(finetunes), f"{hours * len(finetunes):,.1f}",
+            rows.append(("finetune", len(finetunes), (hours * len(finetunes),) * 2,
                          f"measured: {hours:.2f} h per run, mean of {count} finished run(s)"))
         else:
-            planned = _plan_hours(study, "finetune_run")
-            rows.append(("finetune", len(finetunes), "?" if planned is None else
-                         f"{planned[0] * len(finetunes):,.0f}-{planned[1] * len(finetunes):,.0f}",
+            rows.append(("finetune", len(finetunes), planned and (planned[0] * len(finetunes),
+                                                                   planned[1] * len(finetunes)),
                          "plan estimate (estimates.finetune_run)" if planned else "no estimate in the plan"))
     pretrains = [j for j in todo if j.kind == "pretrain"]
     if pretrains:
-        hours = [measured_pretrain_hours(state.nnssl_results_dir / j.command[2] / study.corpus_run)
-                 for j in pretrains]
-        known = [h for h in hours if h is not None]
+        known = [h for h in (measured_pretrain_hours(state.nnssl_results_dir / j.command[2] / study.corpus_run)
+                             for j in pretrains) if h is not None]
         planned = _plan_hours(study, "pretrain_run")
-        basis = f"measured for {len(known)} of {len(pretrains)} run(s) (log.csv)" if known else \
-            "plan estimate (estimates.pretrain_run)" if planned else "not measured, no estimate in the plan"
-        total = f"{sum(known):,.1f}" + ("+?" if len(known) < len(pretrains) else "") if known else \
-            f"{planned[0] * len(pretrains):,.0f}-{planned[1] * len(pretrains):,.0f}" if planned else "?"
-        rows.append(("pretrain", len(pretrains), total, basis + " x GPUs of the job"))
+        if len(known) == len(pretrains):
+            rows.append(("pretrain", len(pretrains), (sum(known),) * 2,
+                         "measured (seconds per step in each run's log.csv) x GPUs of the job"))
+        else:
+            rows.append(("pretrain", len(pretrains), planned and (planned[0] * len(pretrains),
+                                                                   planned[1] * len(pretrains)),
+                         (f"measured for {len(known)} of {len(pretrains)} run(s) only; " if known else "") +
+                         ("plan estimate (estimates.pretrain_run)" if planned else "no estimate in the plan")))
     for kind in dict.fromkeys(j.kind for j in todo):
         if kind not in ("finetune", "pretrain"):
             count = sum(j.kind == kind for j in todo)
             gpu = any(j.gpu for j in todo if j.kind == kind)
-            rows.append((kind, count, "?" if gpu else "0", "not estimated (short)" if gpu else "CPU only"))
-    width = max([len(r[0]) for r in rows] + [4])
+            rows.append((kind, count, None if gpu else (0.0, 0.0), "not estimated" if gpu else "CPU only"))
+    known_rows = [r[2] for r in rows if r[2] is not None]
+    total = (sum(h[0] for h in known_rows), sum(h[1] for h in known_rows))
+    unknown = [r[0] for r in rows if r[2] is None]
+    rows.append(("total", len(todo), total, f"without {', '.join(unknown)}" if unknown else "all kinds"))
+    width = max(len(r[0]) for r in rows)
     lines = [f"# {len(todo)} of {len(plan.jobs)} jobs left to run ({study.source})",
-             f"{'kind':<{width}}  {'jobs':>6}  {'GPU-hours':>14}  basis"]
-    lines += [f"{kind:<{width}}  {count:>6}  {hours:>14}  {basis}" for kind, count, hours, basis in rows]
+             f"{'kind':<{width}}  {'jobs':>6}  {'GPU-hours':>15}  basis"]
+    lines += [f"{kind:<{width}}  {count:>6}  {_hours(hours):>15}  {basis}" for kind, count, hours, basis in rows]
     return "\n".join(lines)
+
+
+def _hours(hours: Hours) -> str:
+    if hours is None:
+        return "?"
+    low, high = hours
+    return f"{low:,.0f}" if round(low) == round(high) else f"{low:,.0f}-{high:,.0f}"
