@@ -251,3 +251,11 @@ def test_resubmission_plan_leaves_queued_jobs_and_depends_on_them(tmp_path):
     text = format_submissions(submissions, load_cluster(None, {}), left_alone, out)
     assert "--dependency=afterok:7 " in text and "--dependency='afterok:8_0:<finetune/t/a/fold_1>'" in text
     assert "  f 1 --c\n" in text  # the command as the requeued job runs it too
+
+
+def test_demo_passes_cluster_flags_through(tmp_path):
+    text = run_cli("nnssl_demo", "--quick", "--dry-run", "-o", tmp_path / "demo", "--executor", "slurm",
+                   "--partition", "cpu", "--cpus-per-job", "2", "--sbatch=--mail-type=FAIL").stdout
+    assert "sbatch --job-name=nnssl-prepare-Dataset501_CTcorpus" in text
+    assert text.count("--partition=cpu --kill-on-invalid-dep=yes --requeue --mail-type=FAIL") == text.count("sbatch ")
+    assert "--cpus-per-task=2" in text and "--array=0-1%2" in text and "gpus-per-node" not in text
