@@ -120,7 +120,7 @@ def _status(job: Job, output: Path, record: dict | None, live: dict[str, tuple[s
         status = OK if outcome["status"] == "ok" else FAILED
         return JobResult(job, status, outcome.get("returncode"), logfile,
                          outcome.get("message", "") and f"{where}: {outcome['message']}", outcome.get("seconds", 0.0))
-    blocked = [d for d in (*job.deps,) if d in earlier and earlier[d].status not in (OK, ALREADY_DONE)]
+    blocked = [d for d in job.deps if d in earlier and earlier[d].status not in (OK, ALREADY_DONE)]
     if blocked or reason == "DependencyNeverSatisfied":
         return JobResult(job, SKIPPED, message=f"{where} cancelled: dependency {blocked[0] if blocked else '?'} "
                                                f"did not succeed")
@@ -254,13 +254,17 @@ def _submitit_parameters(options: dict[str, str], dep: str | None, cluster: Clus
 def wait_for(plan: StudyPlan, output: Path, poll_seconds: float = 5.0) -> list[JobResult]:
     """Poll until no job of the study is queued or running; a progress bar counts finished jobs."""
     bar = tqdm(total=len(plan.jobs), desc="nnssl_benchmark (slurm)", unit="job")
+    shown: dict[str, int] = {}
     try:
         while True:
             records = load_records(output)
             statuses = job_statuses(plan, output, records, squeue_states([r["slurm_id"] for r in records.values()]))
             finished = sum(r.status not in (QUEUED, RUNNING) for r in statuses)
-            bar.update(finished - bar.n)
-            bar.set_postfix({s: n for s in (QUEUED, RUNNING, FAILED) if (n := sum(r.status == s for r in statuses))})
+            counts = {s: n for s in (QUEUED, RUNNING, FAILED) if (n := sum(r.status == s for r in statuses))}
+            if counts != shown or finished != bar.n:  # redraw only on change: logs of a week stay readable
+                bar.update(finished - bar.n)
+                bar.set_postfix(counts)
+                shown = counts
             if finished == len(statuses):
                 return statuses
             time.sleep(poll_seconds)

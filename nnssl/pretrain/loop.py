@@ -47,7 +47,8 @@ RESUMABLE_CHANGES = {"num_workers", "checkpoint_every", "log_every", "device", "
 
 
 class RunInterrupted(Exception):
-    """SIGINT/SIGTERM arrived; a consistent checkpoint was saved. ``signal_number`` says which."""
+    """SIGINT/SIGTERM/SIGUSR1 arrived (on any rank); a consistent checkpoint was saved. ``signal_number`` says
+    which."""
 
     def __init__(self, message: str, signal_number: int):
         super().__init__(message)
