@@ -15,6 +15,7 @@ few-shot with many-shot fine-tuning of the same encoders, Jiang & Veeraraghavan 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from nnssl.errors import NnsslError
-from nnssl.io import load_json, save_json
+from nnssl.io import CONCURRENT_WRITE_WAIT_S, load_json, locked, save_json
 from nnssl.paths import dataset_folder, nnunet_preprocessed
 
 FEWSHOT_FILENAME = "fewshot.json"
@@ -30,6 +31,19 @@ FEWSHOT_VERSION = 1
 SPLITS_FILENAME = "splits_final.json"
 NUM_MANY_SHOT_FOLDS = 5
 NNUNET_SPLIT_SEED = 12345  # nnUNetTrainer.do_split: generate_crossval_split(cases, seed=12345, n_splits=5)
+
+
+def _one_writer_per_dataset(add):
+    """Run ``add(dataset, ...)`` holding the lock of the dataset's ``splits_final.json``: two nnssl_fewshot (or
+    study drivers) at once take turns, so the second reads the first's folds and numbers its own after them."""
+
+    @functools.wraps(add)
+    def add_locked(dataset: str | int, *args, **kwargs):
+        folder = dataset_folder(nnunet_preprocessed(), dataset, "nnUNet_preprocessed")
+        with locked(folder / SPLITS_FILENAME):
+            return add(dataset, *args, **kwargs)
+
+    return add_locked
 
 
 def plan_fewshot_folds(shots: list[int], base_folds: list[int], seed: int,
@@ -83,7 +97,7 @@ def load_fewshot(folder: Path) -> dict[str, dict]:
     if not path.is_file():
         return {}
     try:
-        data = load_json(path)
+        data = load_json(path, wait_s=CONCURRENT_WRITE_WAIT_S)
     except (OSError, json.JSONDecodeError) as err:
         raise NnsslError(f"{path} is damaged ({err}). Restore it from a backup, or delete it together with "
                          f"the few-shot folds it describes in {SPLITS_FILENAME}.") from None
@@ -99,6 +113,7 @@ def load_fewshot(folder: Path) -> dict[str, dict]:
     return folds
 
 
+@_one_writer_per_dataset
 def add_fewshot_folds(dataset: str | int, shots: Sequence[int], folds: Sequence[int] | None = None,
                       seed: int = 0) -> list[FewshotFold]:
     """Append few-shot folds to ``$nnUNet_preprocessed/<dataset>/splits_final.json``; returns the requested folds.
@@ -136,7 +151,7 @@ def add_fewshot_folds(dataset: str | int, shots: Sequence[int], folds: Sequence[
 
 def _load_splits(path: Path) -> list[dict[str, list[str]]]:
     try:
-        splits = load_json(path)
+        splits = load_json(path, wait_s=CONCURRENT_WRITE_WAIT_S)  # nnU-Net may be writing it (do_split)
     except (OSError, json.JSONDecodeError) as err:
         raise NnsslError(f"{path} is damaged ({err}). Restore it, or delete it to have nnU-Net's default 5-fold "
                          f"split recreated (few-shot folds must then be added again).") from None

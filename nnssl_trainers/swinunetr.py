@@ -16,6 +16,14 @@ environment at the start of a training and saved in the model folder's ``plans.j
 - ``nnssl_lr``: peak learning rate of AdamW (default 1e-4, the SwinUNETR fine-tuning setting); short
   runs such as the demo's learn more with a higher one.
 - ``nnssl_run``: which pretraining run of the method to use (default: the newest finished one).
+- ``nnssl_encoder``: ``student`` or ``teacher``: which encoder of the run fine-tunes (default: the method plan's
+  ``finetune_encoder``, teacher for DINO and iBOT); recorded with the file's fingerprint in plans.json.
+- ``nnssl_seed``: seed of Python, NumPy, torch and the data-augmentation workers (default 0), recorded per fold in
+  plans.json; the same seed gives the same checkpoint on the CPU (``nnssl_trainers.seeding``).
+
+At the start of a fine-tuning from an encoder, the task's plans are compared with what the encoder was
+pretrained on (spacing, normalization and its numbers; ``nnssl_trainers.alignment``): both go into plans.json
+and the log says "aligned" or warns with the numbers and the ``nnssl_align_plans`` command that aligns them.
 
 On the CPU the trainers honour ``OMP_NUM_THREADS`` (nnU-Net itself takes every core), so that
 ``nnssl_benchmark --device cpu --jobs N`` can run N trainings side by side.
@@ -40,16 +48,20 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from nnssl.checkpoints import (RUN_ENV, EncoderCheckpoint, describe_preset_difference, find_encoder_checkpoint,
-                               is_nnunet_checkpoint, load_encoder_file, load_encoder_weights, unwrap)
+from nnssl.checkpoints import (ENCODER_FILES, RUN_ENV, EncoderCheckpoint, describe_preset_difference,
+                               find_encoder_checkpoint, is_nnunet_checkpoint, load_encoder_file, load_encoder_weights,
+                               unwrap)
 from nnssl.errors import NnsslError, exit_on_user_error
 from nnssl.fewshot import NUM_MANY_SHOT_FOLDS, load_fewshot
-from nnssl.io import atomic_path, load_json
+from nnssl.io import CONCURRENT_WRITE_WAIT_S, atomic_path, load_json
 from nnssl.networks import BackbonePreset, ENCODER_PREFIX, build_swinunetr, get_preset
 from nnssl.networks.swinunetr import swin_patch_size
 from nnssl.paths import nnssl_results, nnunet_results
 from nnssl.schedules import EpochWarmupCosineLR
-from nnssl_trainers.knobs import env_positive
+from nnssl_trainers.alignment import check_alignment, describe_alignment
+from nnssl_trainers.knobs import chosen_encoder, env_positive
+from nnssl_trainers.seeding import DEFAULT_SEED, env_seed, ordered_augmenters, seed_everything
+from nnssl_trainers.shared_files import safe_shared_json
 
 PLANS_KEY = "nnssl"  # our section inside the configuration of the plans the trainer saves
 DEFAULT_BACKBONE = "paper"
@@ -119,7 +131,8 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         if not saved.is_file():
             return {}
         try:
-            return load_json(saved)["configurations"].get(self.configuration_name, {}).get(PLANS_KEY) or {}
+            plans = load_json(saved, wait_s=CONCURRENT_WRITE_WAIT_S)  # another fold may be writing it
+            return plans["configurations"].get(self.configuration_name, {}).get(PLANS_KEY) or {}
         except (ValueError, KeyError, AttributeError) as err:
             raise NnsslError(f"{saved} is damaged ({type(err).__name__}: {err}). Restore it from a backup, or copy "
                              f"the plans file from $nnUNet_preprocessed if no fold of this model was trained.") from None
@@ -144,6 +157,10 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
             "initial_lr": knob("nnssl_lr", "initial_lr", self.initial_lr_default),
             "trainer": self.__class__.__name__,
             "pretrained": saved.get("pretrained"),
+            "alignment": saved.get("alignment"),
+            # per fold: the folds of one model folder share this plans.json
+            "seeds": {**saved.get("seeds", {}), str(self.fold): env_seed() if env_seed() is not None else
+                      saved.get("seeds", {}).get(str(self.fold), DEFAULT_SEED)},
         }
         self._set_backbone(backbone)
         settings = self.nnssl_settings
@@ -152,6 +169,7 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         self.num_val_iterations_per_epoch = max(1, round(self.num_iterations_per_epoch / 5))
         self.save_every = settings["save_every"]
         self.initial_lr = settings["initial_lr"]
+        self.seed = settings["seeds"][str(self.fold)]
 
     def _choose_backbone(self, saved: dict) -> tuple[BackbonePreset, str]:
         """The preset of this model folder and where it comes from: "saved model", "environment" or "default"."""
@@ -197,13 +215,19 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         # few-shot study that would be a wrong run nobody notices
         if self.fold != "all" and self.preprocessed_dataset_folder_base is not None:
             splits_file = Path(self.preprocessed_dataset_folder_base) / "splits_final.json"
-            available = len(load_json(splits_file)) if splits_file.is_file() else NUM_MANY_SHOT_FOLDS
+            available = (len(load_json(splits_file, wait_s=CONCURRENT_WRITE_WAIT_S)) if splits_file.is_file()
+                         else NUM_MANY_SHOT_FOLDS)
             if int(self.fold) >= available:
                 with exit_on_user_error(PROG):
                     raise NnsslError(
                         f"Fold {self.fold} is not in {splits_file} ({available} folds: 0-{available - 1}). Few-shot "
                         f"folds are added by: nnssl_fewshot {self.plans_manager.dataset_name} --shots 1 5 10")
-        return super().do_split()
+        with safe_shared_json():  # concurrent folds may create splits_final.json
+            return super().do_split()
+
+    def on_train_start(self) -> None:
+        with safe_shared_json():  # every fold of the model folder writes its plans.json and dataset.json now
+            super().on_train_start()
 
     # -- network --------------------------------------------------------------------------------------
     @staticmethod
@@ -225,6 +249,7 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         """SwinUNETR has a single output; nothing to switch."""
 
     def initialize(self) -> None:
+        seed_everything(self.seed)  # before the network's initial weights are drawn
         with exit_on_user_error(PROG):
             checkpoint = None
             if self.pretrain_method is not None and self.loads_nnunet_weights:
@@ -240,6 +265,13 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
                 self.__dict__.pop("build_network_architecture", None)
             if checkpoint is not None:
                 self._record_pretrained(checkpoint)
+
+    def get_dataloaders(self):
+        """nnU-Net's loaders, seeded: with DA workers an order-preserving augmenter (see nnssl_trainers.seeding)."""
+        self.print_to_log_file(f"nnssl: seed {self.seed} (nnssl_seed) for Python, NumPy, torch and the "
+                               f"data-augmentation workers")
+        with ordered_augmenters(self.seed):
+            return super().get_dataloaders()
 
     def _build_and_load(self, checkpoint: EncoderCheckpoint, plans_manager: PlansManager,
                         configuration_manager: ConfigurationManager, num_input_channels: int,
@@ -262,6 +294,8 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
             "task_in_channels": self.num_input_channels,
             "pretraining_normalization": checkpoint.meta.get("normalization"),
             "task_normalization": list(self.configuration_manager.normalization_schemes),
+            "encoder": checkpoint.meta.get("source", "student"),
+            "encoder_from": self._encoder_origin,
             "checkpoint_sha256": encoder_fingerprint(checkpoint.state_dict),
             "encoder_sha256": encoder_fingerprint(unwrap(self.network).state_dict()),
         }
@@ -274,6 +308,10 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
                 f"fine-tune the new encoder."
             )
         self.nnssl_settings["pretrained"] = record
+        alignment = check_alignment(checkpoint.meta, self.plans_manager.plans, self.configuration_name,
+                                    self.plans_manager.dataset_name)
+        self.nnssl_settings["alignment"] = alignment
+        self.print_to_log_file(describe_alignment(alignment))
         self.print_to_log_file(
             f"nnssl: loaded {record['tensors_loaded']} pretrained swinViT tensors from {checkpoint.path} (method "
             f"{checkpoint.method}, backbone {checkpoint.preset.name}, input channels {checkpoint.in_channels} -> "
@@ -308,11 +346,14 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
 
     def _encoder_path(self) -> Path:
         if self.encoder_checkpoint_path is not None:
+            self._encoder_origin = "-pretrained_weights"
             return self.encoder_checkpoint_path
+        choice, self._encoder_origin = chosen_encoder(self.pretrain_method)
         previous = (self.nnssl_settings.get("pretrained") or {}).get("path")
-        if not os.environ.get(RUN_ENV) and previous and Path(previous).is_file():
+        if (not os.environ.get(RUN_ENV) and previous and Path(previous).is_file()
+                and Path(previous).name == ENCODER_FILES[choice]):
             return Path(previous)  # the encoder the model folder's other folds started from
-        return find_encoder_checkpoint(self.pretrain_method, nnssl_results())
+        return find_encoder_checkpoint(self.pretrain_method, nnssl_results(), ENCODER_FILES[choice])
 
     def route_checkpoints(self, continue_training: bool, validation_only: bool,
                           pretrained_weights: str | None) -> str | None:
@@ -355,12 +396,14 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         return optimizer, EpochWarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, warmup_epochs)
 
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint, written atomically: a kill while saving never leaves a truncated file."""
+        """nnU-Net's checkpoint, written atomically: a kill or a full disk while saving never leaves a truncated
+        file (a full disk stops the training with a message naming the file and the free space)."""
         if self.local_rank != 0 or self.disable_checkpointing:
             super().save_checkpoint(filename)  # writes nothing; nnU-Net logs why
             return
-        with atomic_path(filename) as tmp:
-            super().save_checkpoint(str(tmp))
+        # through a Python file, so that a full disk is an OSError (ENOSPC), which atomic_path reports
+        with exit_on_user_error(PROG), atomic_path(filename) as tmp, open(tmp, "wb") as file:
+            super().save_checkpoint(file)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if isinstance(filename_or_checkpoint, str):

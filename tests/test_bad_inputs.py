@@ -100,6 +100,38 @@ def _existing_run(root: Path) -> None:
     (run / "config.json").write_text(json.dumps(config.to_dict()))
 
 
+def _owned_run(host: str, pid: int, process_start: str | None) -> Callable[[Path], None]:
+    """A resumable run folder "busy" whose run.owner.json names a live owner (heartbeat: now)."""
+    import time
+
+    from nnssl.pretrain.config import resolve_config
+
+    def setup(root: Path) -> None:
+        config = resolve_config("simmim", ["501"], {"backbone": "tiny", "device": "cpu", "patch_size": [32, 32, 32],
+                                                    "run": "busy"})
+        run = Path(__import__("os").environ["nnssl_results"]) / "simmim" / "busy"
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps(config.to_dict()))
+        (run / "run.owner.json").write_text(json.dumps({"host": host, "pid": pid, "process_start": process_start,
+                                                        "heartbeat": time.time(), "token": "owner"}))
+
+    return setup
+
+
+def _this_process() -> tuple[str, int, str | None]:
+    import os
+    import socket
+
+    from nnssl.pretrain.run_lock import process_start_time
+
+    return socket.gethostname(), os.getpid(), process_start_time(os.getpid())
+
+
+def _damaged_model_plans(root: Path) -> None:
+    model = root / "results" / "Dataset990_SynthCT" / "SwinUNETR_Scratch_Trainer__nnUNetPlans__3d_fullres"
+    _write(model / "plans.json", b'{"dataset_name": "Dataset990_SynthCT", "configurations": {"3d_fu')
+
+
 def _corrupt_latest(root: Path) -> None:
     run = Path(__import__("os").environ["nnssl_results"]) / "simmim" / "broken"
     _write(run / "checkpoint_latest.pth", b"PK\x03\x04 truncated")
@@ -135,6 +167,12 @@ CASES = [
     Case("pretrain-resume-changed", "nnssl_pretrain", ["-m", "simmim", "-d", "501", *TINY, "--run", "taken",
                                                         "--resume", "--lr", "0.3"], "keeps its settings",
          setup=_existing_run),
+    Case("pretrain-run-owned-on-other-host", "nnssl_pretrain", ["-m", "simmim", "-d", "501", *TINY, "--run", "busy",
+                                                                 "--resume"], "node-b refreshed its heartbeat",
+         setup=_owned_run("node-b", 4242, "1")),
+    Case("pretrain-run-owned-on-this-host", "nnssl_pretrain", ["-m", "simmim", "-d", "501", *TINY, "--run", "busy",
+                                                                "--resume"], "is still running",
+         setup=lambda root: _owned_run(*_this_process())(root)),
     Case("pretrain-corrupt-checkpoint", "nnssl_pretrain", ["-m", "simmim", "-d", "501", *TINY, "--run", "broken",
                                                             "--resume"], "corrupt or truncated", setup=_corrupt_latest),
     # nnssl_prepare_corpus
@@ -153,6 +191,15 @@ CASES = [
          "nnUNet_raw is not set", env={"nnUNet_raw": None}),
     Case("corpus-bad-spacing", "nnssl_prepare_corpus", ["-i", "{tmp}", "-d", "543", "-n", "X", "--spacing", "2", "x",
                                                          "2"], "--spacing takes three numbers"),
+    # nnssl_align_plans and the trainers' seed and encoder knobs
+    Case("align-unknown-corpus", "nnssl_align_plans", ["-d", CT, "--corpus", "444"], "444"),
+    Case("align-nnunet-identifier", "nnssl_align_plans", ["-d", CT, "-pl", "nnUNetPlans"], "own identifier"),
+    Case("train-negative-seed", "nnUNetv2_train", [CT, "3d_fullres", "1", "-tr", "SwinUNETR_Scratch_Trainer", "-device",
+                                                   "cpu"], "nnssl_seed='-1' must be a whole number",
+         env={"nnssl_seed": "-1"}),
+    Case("train-unknown-encoder", "nnUNetv2_train", [CT, "3d_fullres", "1", "-tr", "SwinUNETR_DINO_Trainer", "-device",
+                                                      "cpu"], "nnssl_encoder='ema' must be one of",
+         env={"nnssl_encoder": "ema"}),
     # nnssl_fewshot
     Case("fewshot-unknown-dataset", "nnssl_fewshot", ["444", "--shots", "1"], "444"),
     Case("fewshot-too-many-shots", "nnssl_fewshot", [CT, "--shots", "50"], "50"),
@@ -220,6 +267,9 @@ CASES = [
     Case("train-truncated-weights", "nnUNetv2_train", [CT, "3d_fullres", "2", "-tr", "SwinUNETR_DINO_Trainer",
                                                         "-device", "cpu", "-pretrained_weights", "{tmp}/truncated.pth"],
          "truncated", setup=_truncated_encoder),
+    Case("train-damaged-model-plans", "nnUNetv2_train", [CT, "3d_fullres", "1", "-tr", "SwinUNETR_Scratch_Trainer",
+                                                          "-device", "cpu"], "plans.json is damaged",
+         setup=_damaged_model_plans),
     Case("train-fold-not-in-splits", "nnUNetv2_train", [CT, "3d_fullres", "17", "-tr", "SwinUNETR_Scratch_Trainer",
                                                          "-device", "cpu"], "nnssl_fewshot"),
 ]

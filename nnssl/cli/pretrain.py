@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run name (default: <backbone>_d<dataset ids>); under torchrun write --run-name, "
                              "since torchrun reads --run as its own --run-path")
     parser.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    parser.add_argument("--force-unlock", action="store_true",
+                        help="take the run folder over from an owner that looks alive (run.owner.json): for when "
+                             "you know that process is gone, e.g. its node crashed less than 5 minutes ago")
     parser.add_argument("--plans-override", nargs="+", default=[], metavar="KEY=VALUE",
                         help="any setting of plans/pretrain/<method>.json, e.g. grad_clip=1.0 method.mask_ratio=0.6")
     parser.add_argument("--list-methods", action="store_true", help="list the registered SSL methods and exit")
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                "device": args.device, "seed": args.seed, "run": args.run}
         config = resolve_config(args.method, args.datasets, cli, args.plans_override)
         try:
-            result = pretrain(config, resume=args.resume)
+            result = pretrain(config, resume=args.resume, force_unlock=args.force_unlock)
         except RunInterrupted as stop:
             print(f"nnssl_pretrain: {stop}", file=sys.stderr)
             return 128 + stop.signal_number

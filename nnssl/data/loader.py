@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -36,6 +36,9 @@ class Corpus:
     in_channels: int
     spacing: tuple[float, ...]
     normalization: tuple[str, ...]
+    # nnU-Net's foreground_intensity_properties_per_channel of the first dataset: CTNormalization's clip window
+    # (percentile_00_5, percentile_99_5) and mean/std, which fine-tuning must reuse to see the same numbers
+    intensity_properties: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -46,6 +49,7 @@ def load_corpus(datasets: Sequence[str | int], configuration: str = "3d_fullres"
     """The preprocessed cases of ``datasets``; errors say which nnU-Net command is missing."""
     root = nnunet_preprocessed()
     names, folders, cases, channels, spacings, normalizations = [], [], [], set(), [], set()
+    intensities = []
     for dataset in datasets:
         base = _preprocessed_folder(root, dataset, configuration)
         plans_file = base / f"{plans}.json"
@@ -66,13 +70,15 @@ def load_corpus(datasets: Sequence[str | int], configuration: str = "3d_fullres"
         channels.add(len(dataset_json["channel_names"]))
         spacings.append(tuple(config["spacing"]))
         normalizations.update(config["normalization_schemes"])
+        intensities.append(plan.get("foreground_intensity_properties_per_channel", {}))
         cases += [(len(folders), identifier) for identifier in identifiers]
         names.append(base.name)
         folders.append(folder)
     if len(channels) > 1:
         raise NnsslError(f"Datasets {names} have different numbers of input channels {sorted(channels)}; "
                          f"a pooled corpus needs one.")
-    return Corpus(tuple(names), tuple(folders), tuple(cases), channels.pop(), spacings[0], tuple(sorted(normalizations)))
+    return Corpus(tuple(names), tuple(folders), tuple(cases), channels.pop(), spacings[0], tuple(sorted(normalizations)),
+                  intensities[0])
 
 
 def _preprocessed_folder(root: Path, dataset: str | int, configuration: str) -> Path:

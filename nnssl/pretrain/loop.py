@@ -36,8 +36,9 @@ from nnssl.networks.heads import update_momentum
 from nnssl.paths import nnssl_results
 from nnssl.pretrain import distributed
 from nnssl.pretrain.config import PretrainConfig
-from nnssl.pretrain.run_folder import (FINAL, CsvLog, RunLock, latest_good_checkpoint, plot_progress,
+from nnssl.pretrain.run_folder import (FINAL, CsvLog, latest_good_checkpoint, plot_progress, reconcile_with_log,
                                        save_checkpoint)
+from nnssl.pretrain.run_lock import RunLock
 from nnssl.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -132,9 +133,10 @@ class _StopFlag:
 class Pretrainer:
     """One pretraining run. ``Pretrainer(config, resume).run()``; see ``nnssl_pretrain --help``."""
 
-    def __init__(self, config: PretrainConfig, resume: bool = False):
+    def __init__(self, config: PretrainConfig, resume: bool = False, force_unlock: bool = False):
         self.config = config
         self.resume = resume
+        self.force_unlock = force_unlock
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.device = self._setup_device()
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
@@ -195,6 +197,8 @@ class Pretrainer:
     def _restore(self) -> int:
         """Load the newest good checkpoint (with --resume); returns the step to continue from."""
         found = latest_good_checkpoint(self.folder)
+        if self.main:
+            reconcile_with_log(self.folder, found)
         if found is None:
             return 0
         path, state = found
@@ -226,7 +230,7 @@ class Pretrainer:
     def run(self) -> RunResult:
         self._check_existing_run()
         self.folder.mkdir(parents=True, exist_ok=True)
-        with (RunLock(self.folder) if self.main else nullcontext()), _StopFlag() as stop:
+        with (RunLock(self.folder, force=self.force_unlock) if self.main else nullcontext()), _StopFlag() as stop:
             if self.main:
                 save_json(self.config.to_dict(), self.folder / "config.json")
             encoder_file = self.folder / "encoder_final.pth"
@@ -289,7 +293,7 @@ class Pretrainer:
                 row = {"step": done, "epoch": round(done / self.steps_per_epoch, 4), "lr": lr, "weight_decay": wd,
                        "momentum": momentum if momentum is not None else "", **values, **scheduled,
                        "samples_per_s": self.samples_per_step * config.log_every / max(now - tick, 1e-9),
-                       "time": round(time.time(), 2)}
+                       "time": f"{time.time():.2f}"}  # a string: log.csv writes floats with 6 digits
                 tick = now
                 csv_log.append(row)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
@@ -390,6 +394,7 @@ class Pretrainer:
         state = self._state(step)  # every rank joins the RNG gather
         if self.main:
             save_checkpoint(self.folder, state, final=final)
+            csv_log.checkpointed(step)
             if self.terms:
                 plot_progress(csv_log, self.folder / "progress.png", f"{self.config.method} - {self.config.run}",
                               self.terms)
@@ -400,7 +405,8 @@ class Pretrainer:
         return {
             "backbone": self.preset.to_dict(), "in_channels": self.corpus.in_channels, "method": self.config.method,
             "patch_size": self.patch_size, "corpus": list(self.corpus.datasets), "spacing": list(self.corpus.spacing),
-            "normalization": list(self.corpus.normalization), "run": self.config.run, "step": self.total_steps,
+            "normalization": list(self.corpus.normalization), "intensity_properties": self.corpus.intensity_properties,
+            "run": self.config.run, "step": self.total_steps,
             "seed": self.config.seed, "source": source,
         }
 
@@ -416,9 +422,10 @@ class Pretrainer:
             log.info("finished %s: %s", self.folder, self.folder / "encoder_final.pth")
 
 
-def pretrain(config: PretrainConfig, resume: bool = False) -> RunResult:
-    """Run (or continue, with ``resume``) the pretraining described by ``config``."""
-    trainer = Pretrainer(config, resume=resume)
+def pretrain(config: PretrainConfig, resume: bool = False, force_unlock: bool = False) -> RunResult:
+    """Run (or continue, with ``resume``) the pretraining described by ``config``; ``force_unlock`` takes the run
+    folder over from an owner that looks alive (:class:`~nnssl.pretrain.run_lock.RunLock`)."""
+    trainer = Pretrainer(config, resume=resume, force_unlock=force_unlock)
     try:
         return trainer.run()
     finally:

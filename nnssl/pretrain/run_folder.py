@@ -1,76 +1,63 @@
-"""Everything a pretraining run keeps on disk: lock, log.csv, progress.png and checkpoints.
+"""Everything a pretraining run keeps on disk: log.csv, progress.png and checkpoints.
 
 ``$nnssl_results/<method>/<run>/`` holds ``config.json``, ``log.csv`` (one row per logged step),
 ``progress.png``, ``checkpoint_latest.pth`` (every ``checkpoint_every`` steps; the one before it is kept as
 ``checkpoint_previous.pth``), ``checkpoint_final.pth``, ``encoder_final.pth`` and, for methods with a
-teacher, ``encoder_teacher_final.pth``. Every file is written atomically.
+teacher, ``encoder_teacher_final.pth``. Every file is written atomically. ``run.lock`` and ``run.owner.json``
+belong to the run's lock (:mod:`nnssl.pretrain.run_lock`).
 """
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
+import logging
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from nnssl.errors import NnsslError
-from nnssl.io import atomic_path, save_text, save_torch
+from nnssl.io import atomic_path, disk_errors, save_text, save_torch, write_torch
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "nnssl-pretrain-checkpoint"
+CHECKPOINT_COLUMN = "checkpoint"
 LATEST, PREVIOUS, FINAL = "checkpoint_latest.pth", "checkpoint_previous.pth", "checkpoint_final.pth"
 
 
-class RunLock:
-    """An exclusive ``flock`` on ``run.lock``: two processes never write one run folder at once.
-
-    The kernel drops the lock when its process dies (even by SIGKILL), so a stale lock never blocks a resume.
-    """
-
-    def __init__(self, folder: Path):
-        self.path = folder / "run.lock"
-        self._file = None
-
-    def __enter__(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "another process"
-            handle.close()
-            raise NnsslError(f"Run folder {self.path.parent} is in use by {owner}. Wait for it to finish, stop it, "
-                             f"or choose another --run NAME.") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        self._file = handle
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-
-
 class CsvLog:
-    """``log.csv``: appended and flushed per row; on resume, rows after the checkpoint's step are dropped."""
+    """``log.csv``: appended and flushed per row; on resume, rows after the checkpoint's step are dropped.
+
+    The last column, ``checkpoint``, is the step of the newest ``checkpoint_latest.pth`` written before the row
+    (empty before the first), so that ``--resume`` can tell a checkpoint older than the log says (a rename lost
+    in a crash) from the usual case (a checkpoint newer than the last row).
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self.columns: list[str] | None = None
+        self.last_checkpoint: int | None = None
         if path.is_file() and path.stat().st_size:
             with open(path, newline="", encoding="utf-8") as f:
                 self.columns = next(csv.reader(f), None)
 
+    def logged_checkpoint(self) -> int | None:
+        """The newest checkpoint step the log records, None if it records none."""
+        steps = [row.get(CHECKPOINT_COLUMN) for row in self.rows()]
+        return next((int(s) for s in reversed(steps) if s), None)
+
+    def checkpointed(self, step: int) -> None:
+        """``checkpoint_latest.pth`` of ``step`` is on disk: the next rows record it."""
+        self.last_checkpoint = step
+
     def truncate_after(self, step: int) -> None:
+        self.last_checkpoint = step if step > 0 else None
         if self.columns is None:
             return
+        if CHECKPOINT_COLUMN not in self.columns:  # a log written before the column existed
+            self.columns.append(CHECKPOINT_COLUMN)
         rows = [row for row in self.rows() if int(row["step"]) <= step]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=self.columns)
@@ -85,16 +72,19 @@ class CsvLog:
             return list(csv.DictReader(f))
 
     def append(self, row: dict[str, Any]) -> None:
-        if self.columns is None:
-            self.columns = list(row)
-            with open(self.path, "w", newline="", encoding="utf-8") as f:
-                csv.writer(f).writerow(self.columns)
-        missing = [c for c in row if c not in self.columns]
-        if missing:
-            raise RuntimeError(f"log.csv columns {self.columns} lack {missing}; a method must log the same terms every step")
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
-            csv.DictWriter(f, fieldnames=self.columns).writerow(
-                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        row = {**row, CHECKPOINT_COLUMN: "" if self.last_checkpoint is None else self.last_checkpoint}
+        with disk_errors(self.path):
+            if self.columns is None:
+                self.columns = list(row)
+                with open(self.path, "w", newline="", encoding="utf-8") as f:
+                    csv.writer(f).writerow(self.columns)
+            missing = [c for c in row if c not in self.columns]
+            if missing:
+                raise RuntimeError(f"log.csv columns {self.columns} lack {missing}; a method must log the same terms "
+                                   f"every step")
+            with open(self.path, "a", newline="", encoding="utf-8") as f:
+                csv.DictWriter(f, fieldnames=self.columns).writerow(
+                    {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def plot_progress(log: CsvLog, path: Path, title: str, terms: list[str]) -> None:
@@ -133,7 +123,7 @@ def save_checkpoint(folder: Path, state: dict[str, Any], final: bool = False) ->
         return
     latest = folder / LATEST
     with atomic_path(latest) as tmp:
-        torch.save(state, tmp)
+        write_torch(state, tmp)
         if latest.is_file():
             os.replace(latest, folder / PREVIOUS)
 
@@ -166,3 +156,29 @@ def latest_good_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:
         raise NnsslError("Cannot resume: " + " ".join(errors) + f" Delete the damaged files in {folder} to start "
                          f"the run again, or start a new --run.")
     return None
+
+
+def reconcile_with_log(folder: Path, found: tuple[Path, dict[str, Any]] | None) -> None:
+    """Compare the checkpoint ``--resume`` found with the newest one ``log.csv`` records, and say which is used.
+
+    A checkpoint older than the log's record means the newer file was lost (a crash before its rename reached
+    the disk, or a damaged ``checkpoint_latest.pth`` replaced by ``checkpoint_previous.pth``): the run continues
+    from the checkpoint on disk and trains the steps after it again.
+    """
+    logged = CsvLog(folder / "log.csv").logged_checkpoint()
+    if found is None:
+        if logged is not None:
+            log.warning("log.csv of %s records a checkpoint of step %d, but the folder has no checkpoint (lost in a "
+                        "crash, or deleted): the run starts again from step 0", folder, logged)
+        return
+    path, state = found
+    step = int(state["step"])
+    if logged is None or step == logged:
+        return
+    if step < logged:
+        log.warning("%s holds step %d, but log.csv records a checkpoint of step %d (that file was lost or is "
+                    "damaged): resuming from step %d, the checkpoint on disk, and training steps %d-%d again",
+                    path, step, logged, step, step + 1, logged)
+    else:
+        log.info("%s holds step %d, saved after the last row of log.csv (which records step %d): resuming from "
+                 "step %d", path, step, logged, step)
