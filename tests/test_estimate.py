@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from nnssl.benchmark.driver import run_benchmark
+from nnssl.benchmark.study import load_study
 
 from conftest import run_cli
 
@@ -17,7 +18,8 @@ def test_estimate_uses_the_plan_then_measured_runs(tmp_path, monkeypatch):
     assert _row(text, "finetune") == ["2", "60-100", "plan estimate (estimates.finetune_run)"]
     assert _row(text, "total") == ["5", "60-100", "without pretrain"]  # the plan gives no pretraining estimate
     # a finished fine-tuning (nnU-Net's log: 2 epochs of 36 s) and a pretraining run half way (1 s per step)
-    fold = tmp_path / "nnUNet_results" / "Dataset515_CHAOS" / "SwinUNETR_Scratch_Trainer__nnUNetPlans__3d_fullres" / "fold_1"
+    plans = load_study().plans_identifier
+    fold = tmp_path / "nnUNet_results" / "Dataset515_CHAOS" / f"SwinUNETR_Scratch_Trainer__{plans}__3d_fullres" / "fold_1"
     fold.mkdir(parents=True)
     (fold / "training_log_2026_1_1_00_00_00.txt").write_text("Epoch time: 30.0 s\nEpoch time: 42.0 s\n")
     run = tmp_path / "nnssl_results" / "smit" / "paper_d501"

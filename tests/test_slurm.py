@@ -96,7 +96,9 @@ def _study_plan(path: Path, ct_task) -> Path:
     plan["methods"] = {"scratch": plan["methods"]["scratch"], "rotnet": plan["methods"]["rotnet"]}
     task = dict(plan["tasks"]["SynthCT"], dataset_id=ct_task.dataset_id, dataset_name=ct_task.name)
     plan["tasks"] = {"SynthCT": task}
-    plan["pretrain_args"] = [*TINY_PRETRAIN[2:], "--epochs", "1", "--steps-per-epoch", "3"]
+    plan["plans_identifier"] = "nnUNetPlans"  # the task's own plans, as the session fixture preprocessed it
+    plan["pretraining"] = {"protocol": "shared", "steps": 3, "global_batch": 2, "crop_size": [32, 32, 32], "epochs": 1}
+    plan["pretrain_args"] = ["--num-workers", "0"]
     plan["finetune_env"] = {"nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "2", "nnUNet_compile": "false"}
     plan["cka"]["args"] = ["--patch-size", "32", "32", "64", "--patches-per-case", "8"]
     path.write_text(json.dumps(plan), encoding="utf-8")

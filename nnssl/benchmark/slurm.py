@@ -149,11 +149,11 @@ def plan_submissions(plan: StudyPlan, statuses: Sequence[JobResult], records: di
             continue  # a job without a file to check (the report) that succeeded
         submit.append(job)
     groups: dict[tuple, list[Job]] = {}
-    for job in submit:
-        groups.setdefault((job.kind, job.deps, job.after, job.env), []).append(job)
+    for job in submit:  # each array task keeps its own command and environment (nnssl_seed, ...)
+        groups.setdefault((job.kind, job.deps, job.after), []).append(job)
     submissions = []
     pending = waiting | {j.id for j in submit}  # done dependencies need no Slurm dependency
-    for (kind, deps, after, _), jobs in groups.items():
+    for (kind, deps, after), jobs in groups.items():
         needs = {"afterok": tuple(d for d in deps if d in pending), "afterany": tuple(a for a in after if a in pending)}
         name = "nnssl-" + (jobs[0].id if len(jobs) == 1 else jobs[0].id.rsplit("/", 1)[0]).replace("/", "-")
         submissions.append(Submission(jobs, sbatch_options(cluster, jobs[0], device, name, None),
