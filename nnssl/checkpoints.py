@@ -5,7 +5,8 @@
     {"format": "nnssl-encoder", "version": 1,
      "state_dict": {"swinViT.patch_embed.proj.weight": ..., ...},   # MONAI SwinUNETR names
      "meta": {"backbone": {...BackbonePreset...}, "in_channels": 1, "method": "smit",
-              "patch_size": [96, 96, 96], "corpus": [...], "spacing": [...], "normalization": "...",
+              "patch_size": [96, 96, 96], "corpus": [...], "spacing": [...], "normalization": [...],
+              "intensity_properties": {"0": {"mean": ..., "std": ..., "percentile_00_5": ..., ...}},
               "run": "...", "step": 1234, "source": "student"}}
 
 ``SwinUNETR(...).load_state_dict(state_dict, strict=False)`` fills exactly the encoder.
@@ -28,6 +29,7 @@ from nnssl.networks.swin import ENCODER_PREFIX
 ENCODER_FORMAT = "nnssl-encoder"
 ENCODER_VERSION = 1
 ENCODER_FILENAME = "encoder_final.pth"
+ENCODER_FILES = {"student": ENCODER_FILENAME, "teacher": "encoder_teacher_final.pth"}  # by nnssl.plans.ENCODER_CHOICES
 RUN_ENV = "nnssl_run"  # names the run a fine-tuning trainer takes instead of the newest one
 PATCH_EMBED_KEY = ENCODER_PREFIX + "patch_embed.proj.weight"
 
@@ -102,19 +104,19 @@ def is_nnunet_checkpoint(path: str | os.PathLike) -> bool:
     return isinstance(blob, dict) and "network_weights" in blob
 
 
-def find_encoder_checkpoint(method: str, results_root: Path) -> Path:
-    """``$nnssl_results/<method>/<run>/encoder_final.pth``: the run named by ``$nnssl_run``, else the newest.
+def find_encoder_checkpoint(method: str, results_root: Path, filename: str = ENCODER_FILENAME) -> Path:
+    """``$nnssl_results/<method>/<run>/<filename>``: the run named by ``$nnssl_run``, else the newest.
 
     Raises an NnsslError naming the paths searched and the command that creates a checkpoint.
     """
     method_dir = results_root / method
     run = os.environ.get(RUN_ENV)
     if run:
-        searched = [method_dir / run / ENCODER_FILENAME]
+        searched = [method_dir / run / filename]
         found = [p for p in searched if p.is_file()]
     else:
-        searched = [method_dir / "*" / ENCODER_FILENAME]
-        found = sorted(method_dir.glob(f"*/{ENCODER_FILENAME}"), key=lambda p: p.stat().st_mtime)
+        searched = [method_dir / "*" / filename]
+        found = sorted(method_dir.glob(f"*/{filename}"), key=lambda p: p.stat().st_mtime)
     if not found:
         runs = sorted(p.name for p in method_dir.iterdir() if p.is_dir()) if method_dir.is_dir() else []
         unfinished = f" Runs without a finished encoder: {runs}." if runs else ""
@@ -122,7 +124,7 @@ def find_encoder_checkpoint(method: str, results_root: Path) -> Path:
             f"No pretrained '{method}' encoder found. Searched: {', '.join(str(p) for p in searched)}."
             f"{unfinished}\nCreate one with: nnssl_pretrain -m {method} -d <corpus dataset id>"
             f"{' --run ' + run if run else ''}\n"
-            f"or pass a file with: nnUNetv2_train ... -pretrained_weights /path/to/{ENCODER_FILENAME}"
+            f"or pass a file with: nnUNetv2_train ... -pretrained_weights /path/to/{filename}"
         )
     return found[-1]
 

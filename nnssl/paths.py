@@ -5,6 +5,7 @@ nnU-Net's own variables (``nnUNet_raw``, ``nnUNet_preprocessed``, ``nnUNet_resul
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,3 +94,9 @@ def environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def nnunet_planner_environment() -> contextlib.AbstractContextManager[None]:
+    """The environment nnU-Net 2.8.1's planner needs: it calls ``torch.set_num_threads(nnUNet_n_proc_DA)``, which
+    fails for the valid training setting ``nnUNet_n_proc_DA=0``."""
+    return environment({"nnUNet_n_proc_DA": "1"} if os.environ.get("nnUNet_n_proc_DA") == "0" else {})

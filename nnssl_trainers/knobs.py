@@ -9,6 +9,7 @@ import math
 import os
 
 from nnssl.errors import NnsslError
+from nnssl.plans import ENCODER_CHOICES, finetune_encoder
 
 KNOBS: dict[str, str] = {
     "nnssl_backbone": "Swin preset of trainers without a pretrained encoder (paper, monai, tiny)",
@@ -17,6 +18,8 @@ KNOBS: dict[str, str] = {
     "nnssl_save_every": "epochs between checkpoint_latest.pth writes",
     "nnssl_lr": "peak AdamW learning rate",
     "nnssl_run": "which pretraining run of the method the trainer uses",
+    "nnssl_encoder": "which encoder of the pretraining run fine-tunes: student or teacher",
+    "nnssl_seed": "seed of Python, NumPy, torch and the data-augmentation workers",
 }
 FOLDER_VARIABLES = ("nnssl_results",)  # nnssl_* variables that name folders (nnssl.paths), not trainer knobs
 
@@ -34,3 +37,14 @@ def env_positive(name: str, kind: type[int] | type[float]) -> int | float | None
         what, example = ("whole number", "5") if kind is int else ("number", "3e-4")
         raise NnsslError(f"Environment variable {name}={value!r} must be a positive {what}, e.g. {name}={example}.")
     return number
+
+
+def chosen_encoder(method: str) -> tuple[str, str]:
+    """Which encoder of a ``method``'s run fine-tunes ("student" or "teacher") and who chose it: ``nnssl_encoder``,
+    else the method plan's ``finetune_encoder``."""
+    value = os.environ.get("nnssl_encoder", "")
+    if value:
+        if value not in ENCODER_CHOICES:
+            raise NnsslError(f"Environment variable nnssl_encoder={value!r} must be one of {list(ENCODER_CHOICES)}.")
+        return value, "nnssl_encoder"
+    return finetune_encoder(method), f"plans/pretrain/{method}.json finetune_encoder"

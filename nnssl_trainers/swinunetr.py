@@ -16,6 +16,14 @@ environment at the start of a training and saved in the model folder's ``plans.j
 - ``nnssl_lr``: peak learning rate of AdamW (default 1e-4, the SwinUNETR fine-tuning setting); short
   runs such as the demo's learn more with a higher one.
 - ``nnssl_run``: which pretraining run of the method to use (default: the newest finished one).
+- ``nnssl_encoder``: ``student`` or ``teacher``: which encoder of the run fine-tunes (default: the method plan's
+  ``finetune_encoder``, teacher for DINO and iBOT); recorded with the file's fingerprint in plans.json.
+- ``nnssl_seed``: seed of Python, NumPy, torch and the data-augmentation workers (default 0), recorded per fold in
+  plans.json; the same seed gives the same checkpoint on the CPU (``nnssl_trainers.seeding``).
+
+At the start of a fine-tuning from an encoder, the task's plans are compared with what the encoder was
+pretrained on (spacing, normalization and its numbers; ``nnssl_trainers.alignment``): both go into plans.json
+and the log says "aligned" or warns with the numbers and the ``nnssl_align_plans`` command that aligns them.
 
 On the CPU the trainers honour ``OMP_NUM_THREADS`` (nnU-Net itself takes every core), so that
 ``nnssl_benchmark --device cpu --jobs N`` can run N trainings side by side.
@@ -40,16 +48,20 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from nnssl.checkpoints import (RUN_ENV, EncoderCheckpoint, describe_preset_difference, find_encoder_checkpoint,
-                               is_nnunet_checkpoint, load_encoder_file, load_encoder_weights, unwrap)
+from nnssl.checkpoints import (ENCODER_FILES, RUN_ENV, EncoderCheckpoint, describe_preset_difference,
+                               find_encoder_checkpoint, is_nnunet_checkpoint, load_encoder_file, load_encoder_weights,
+                               unwrap)
 from nnssl.errors import NnsslError, exit_on_user_error
 from nnssl.fewshot import NUM_MANY_SHOT_FOLDS, load_fewshot
 from nnssl.io import CONCURRENT_WRITE_WAIT_S, atomic_path, load_json
+from nnssl.methods.registry import trainer_names
 from nnssl.networks import BackbonePreset, ENCODER_PREFIX, build_swinunetr, get_preset
 from nnssl.networks.swinunetr import swin_patch_size
 from nnssl.paths import nnssl_results, nnunet_results
 from nnssl.schedules import EpochWarmupCosineLR
-from nnssl_trainers.knobs import env_positive
+from nnssl_trainers.alignment import check_alignment, describe_alignment
+from nnssl_trainers.knobs import chosen_encoder, env_positive
+from nnssl_trainers.seeding import DEFAULT_SEED, env_seed, ordered_augmenters, seed_everything
 from nnssl_trainers.shared_files import safe_shared_json
 
 PLANS_KEY = "nnssl"  # our section inside the configuration of the plans the trainer saves
@@ -146,6 +158,10 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
             "initial_lr": knob("nnssl_lr", "initial_lr", self.initial_lr_default),
             "trainer": self.__class__.__name__,
             "pretrained": saved.get("pretrained"),
+            "alignment": saved.get("alignment"),
+            # per fold: the folds of one model folder share this plans.json
+            "seeds": {**saved.get("seeds", {}), str(self.fold): env_seed() if env_seed() is not None else
+                      saved.get("seeds", {}).get(str(self.fold), DEFAULT_SEED)},
         }
         self._set_backbone(backbone)
         settings = self.nnssl_settings
@@ -154,6 +170,7 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         self.num_val_iterations_per_epoch = max(1, round(self.num_iterations_per_epoch / 5))
         self.save_every = settings["save_every"]
         self.initial_lr = settings["initial_lr"]
+        self.seed = settings["seeds"][str(self.fold)]
 
     def _choose_backbone(self, saved: dict) -> tuple[BackbonePreset, str]:
         """The preset of this model folder and where it comes from: "saved model", "environment" or "default"."""
@@ -233,6 +250,7 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         """SwinUNETR has a single output; nothing to switch."""
 
     def initialize(self) -> None:
+        seed_everything(self.seed)  # before the network's initial weights are drawn
         with exit_on_user_error(PROG):
             checkpoint = None
             if self.pretrain_method is not None and self.loads_nnunet_weights:
@@ -248,6 +266,13 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
                 self.__dict__.pop("build_network_architecture", None)
             if checkpoint is not None:
                 self._record_pretrained(checkpoint)
+
+    def get_dataloaders(self):
+        """nnU-Net's loaders, seeded: with DA workers an order-preserving augmenter (see nnssl_trainers.seeding)."""
+        self.print_to_log_file(f"nnssl: seed {self.seed} (nnssl_seed) for Python, NumPy, torch and the "
+                               f"data-augmentation workers")
+        with ordered_augmenters(self.seed):
+            return super().get_dataloaders()
 
     def _build_and_load(self, checkpoint: EncoderCheckpoint, plans_manager: PlansManager,
                         configuration_manager: ConfigurationManager, num_input_channels: int,
@@ -270,6 +295,8 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
             "task_in_channels": self.num_input_channels,
             "pretraining_normalization": checkpoint.meta.get("normalization"),
             "task_normalization": list(self.configuration_manager.normalization_schemes),
+            "encoder": checkpoint.meta.get("source", "student"),
+            "encoder_from": self._encoder_origin,
             "checkpoint_sha256": encoder_fingerprint(checkpoint.state_dict),
             "encoder_sha256": encoder_fingerprint(unwrap(self.network).state_dict()),
         }
@@ -282,6 +309,10 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
                 f"fine-tune the new encoder."
             )
         self.nnssl_settings["pretrained"] = record
+        alignment = check_alignment(checkpoint.meta, self.plans_manager.plans, self.configuration_name,
+                                    self.plans_manager.dataset_name)
+        self.nnssl_settings["alignment"] = alignment
+        self.print_to_log_file(describe_alignment(alignment))
         self.print_to_log_file(
             f"nnssl: loaded {record['tensors_loaded']} pretrained swinViT tensors from {checkpoint.path} (method "
             f"{checkpoint.method}, backbone {checkpoint.preset.name}, input channels {checkpoint.in_channels} -> "
@@ -316,11 +347,14 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
 
     def _encoder_path(self) -> Path:
         if self.encoder_checkpoint_path is not None:
+            self._encoder_origin = "-pretrained_weights"
             return self.encoder_checkpoint_path
+        choice, self._encoder_origin = chosen_encoder(self.pretrain_method)
         previous = (self.nnssl_settings.get("pretrained") or {}).get("path")
-        if not os.environ.get(RUN_ENV) and previous and Path(previous).is_file():
+        if (not os.environ.get(RUN_ENV) and previous and Path(previous).is_file()
+                and Path(previous).name == ENCODER_FILES[choice]):
             return Path(previous)  # the encoder the model folder's other folds started from
-        return find_encoder_checkpoint(self.pretrain_method, nnssl_results())
+        return find_encoder_checkpoint(self.pretrain_method, nnssl_results(), ENCODER_FILES[choice])
 
     def route_checkpoints(self, continue_training: bool, validation_only: bool,
                           pretrained_weights: str | None) -> str | None:
@@ -429,43 +463,15 @@ if not getattr(nnunet_run_training.maybe_load_checkpoint, "nnssl_wrapped", False
     nnunet_run_training.maybe_load_checkpoint = _route_pretrained_weights(nnunet_run_training.maybe_load_checkpoint)
 
 
-# One trainer per SSL method; each finds its encoder in $nnssl_results/<pretrain_method>/.
-class SwinUNETR_SimCLR_Trainer(SwinUNETR_Scratch_Trainer):
-    pretrain_method = "simclr"
+def _method_trainer(method: str, name: str) -> type[SwinUNETR_Scratch_Trainer]:
+    """The trainer class ``name`` that fine-tunes ``method``'s encoders, found in $nnssl_results/<method>/."""
+    return type(name, (SwinUNETR_Scratch_Trainer,), {
+        "pretrain_method": method, "__module__": __name__, "__qualname__": name,
+        "__doc__": f"SwinUNETR initialised from the newest '{method}' encoder (nnssl_pretrain -m {method})."})
 
 
-class SwinUNETR_MoCoV3_Trainer(SwinUNETR_Scratch_Trainer):
-    pretrain_method = "mocov3"
-
-
-class SwinUNETR_BYOL_Trainer(SwinUNETR_Scratch_Trainer):
-    pretrain_method = "byol"
-
-
-class SwinUNETR_RotNet_Trainer(SwinUNETR_Scratch_Trainer):
-    pretrain_method = "rotnet"
-
-
-class SwinUNETR_SwinSSL_Trainer(SwinUNETR_Scratch_Trainer):
-    pretrain_method = "swinssl"
-
-
-class SwinUNETR_SimMIM_Trainer(SwinUNETR_Scratch_Trainer):
-    pretrain_method = "simmim"
-
-
-class SwinUNETR_DINO_Trainer(SwinUNETR_Scratch_Trainer):
-    pretrain_method = "dino"
-
-
-class SwinUNETR_iBOT_Trainer(SwinUNETR_Scratch_Trainer):
-    pretrain_method = "ibot"
-
-
-class SwinUNETR_SMIT_Trainer(SwinUNETR_Scratch_Trainer):
-    pretrain_method = "smit"
-
-
-METHOD_TRAINERS = {cls.pretrain_method: cls for cls in SwinUNETR_Scratch_Trainer.__subclasses__()}
+# One trainer per SSL method, named by the method registry (register_method(..., trainer=NAME)).
+METHOD_TRAINERS = {method: _method_trainer(method, name) for method, name in trainer_names().items()}
+globals().update({cls.__name__: cls for cls in METHOD_TRAINERS.values()})
 
 __all__ = ["SwinUNETR_Scratch_Trainer", *(cls.__name__ for cls in METHOD_TRAINERS.values())]

@@ -191,6 +191,15 @@ CASES = [
          "nnUNet_raw is not set", env={"nnUNet_raw": None}),
     Case("corpus-bad-spacing", "nnssl_prepare_corpus", ["-i", "{tmp}", "-d", "543", "-n", "X", "--spacing", "2", "x",
                                                          "2"], "--spacing takes three numbers"),
+    # nnssl_align_plans and the trainers' seed and encoder knobs
+    Case("align-unknown-corpus", "nnssl_align_plans", ["-d", CT, "--corpus", "444"], "444"),
+    Case("align-nnunet-identifier", "nnssl_align_plans", ["-d", CT, "-pl", "nnUNetPlans"], "own identifier"),
+    Case("train-negative-seed", "nnUNetv2_train", [CT, "3d_fullres", "1", "-tr", "SwinUNETR_Scratch_Trainer", "-device",
+                                                   "cpu"], "nnssl_seed='-1' must be a whole number",
+         env={"nnssl_seed": "-1"}),
+    Case("train-unknown-encoder", "nnUNetv2_train", [CT, "3d_fullres", "1", "-tr", "SwinUNETR_DINO_Trainer", "-device",
+                                                      "cpu"], "nnssl_encoder='ema' must be one of",
+         env={"nnssl_encoder": "ema"}),
     # nnssl_fewshot
     Case("fewshot-unknown-dataset", "nnssl_fewshot", ["444", "--shots", "1"], "444"),
     Case("fewshot-too-many-shots", "nnssl_fewshot", [CT, "--shots", "50"], "50"),

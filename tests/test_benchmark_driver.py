@@ -65,16 +65,24 @@ def test_dry_run_lists_every_command_of_the_full_study(no_roots):
     assert runs == set(itertools.product([t.dataset_id for t in study.tasks.values()], range(20), trainers))
     smit = next(j for j in jobs["finetune"] if j.command[:6] == ("nnUNetv2_train", "3", "3d_fullres", "7", "-tr",
                                                                    "SwinUNETR_SMIT_Trainer"))
-    assert smit.shell() == "nnssl_backbone=paper nnssl_run=paper_d501 nnUNetv2_train 3 3d_fullres 7 -tr " \
-                           "SwinUNETR_SMIT_Trainer"
+    assert smit.shell() == "nnssl_backbone=paper nnssl_seed=0 nnssl_run=paper_d501 nnUNetv2_train 3 3d_fullres 7 -tr " \
+                           "SwinUNETR_SMIT_Trainer -p nnsslPlans"
+    # the aligned plans in every fine-tuning command, made by nnssl_align_plans after the corpus
+    assert all(j.command[-2:] == ("-p", "nnsslPlans") for j in jobs["finetune"])
     assert set(smit.deps) == {"plan/Dataset003_Liver", "fewshot/Dataset003_Liver/seed0", "pretrain/smit"}
+    budget = {m: ("--batch-size 8 --steps-per-epoch 100" if m == "smit" else "--batch-size 8 --steps-per-epoch 500",
+                  500 if m == "smit" else 100) for m in METHOD_TRAINERS}
     assert [j.shell() for j in jobs["pretrain"]] == [
-        f"nnssl_pretrain -m {m} -d 501 --backbone paper --run paper_d501" for m in METHOD_TRAINERS]
-    assert jobs["plan"][3].shell() == "nnUNetv2_plan_and_preprocess -d 511 -c 3d_fullres --verify_dataset_integrity"
+        f"nnssl_pretrain -m {m} -d 501 --backbone paper --run paper_d501 --epochs {budget[m][1]} {budget[m][0]} "
+        f"--patch-size 128 128 128" for m in METHOD_TRAINERS]
+    # one budget for every method, printed: the same optimizer steps and volumes seen
+    assert {(b.steps, b.volumes) for b in outcome.plan.budgets.values()} == {(50000, 400000)}
+    assert outcome.text.count("50000 optimizer steps x 8 volumes = 400000 volumes seen") == 9
+    assert jobs["plan"][3].shell() == "nnssl_align_plans -d 511 --corpus 501 -pl nnsslPlans"
     assert jobs["fewshot"][0].shell() == "nnssl_fewshot 3 --shots 1 5 10 --folds 0 1 2 3 4 --seed 0"
     cka = jobs["cka"][0]  # 1-shot fold 5 (drawn from fold 0) vs many-shot fold 0 of the same trainer
-    assert re.fullmatch(r'nnssl_cka "\$nnUNet_results/Dataset003_Liver/SwinUNETR_SimCLR_Trainer__nnUNetPlans__'
-                        r'3d_fullres:5" "\$nnUNet_results/Dataset003_Liver/SwinUNETR_SimCLR_Trainer__nnUNetPlans__'
+    assert re.fullmatch(r'nnssl_cka "\$nnUNet_results/Dataset003_Liver/SwinUNETR_SimCLR_Trainer__nnsslPlans__'
+                        r'3d_fullres:5" "\$nnUNet_results/Dataset003_Liver/SwinUNETR_SimCLR_Trainer__nnsslPlans__'
                         r'3d_fullres:0" -o "\$nnssl_results/benchmark/cka/Dataset003_Liver/SwinUNETR_SimCLR_Trainer/'
                         r'1shot_fold0_seed0"', cka.shell())
     report = jobs["report"][0]
@@ -90,10 +98,13 @@ def test_cli_dry_run_of_a_selection(no_roots):
                      "--shots", "5", "all", "--folds", "1")
     trains = [line for line in result.stdout.splitlines() if "nnUNetv2_train" in line]
     assert trains == [
-        "[new] nnssl_backbone=paper nnssl_run=paper_d501 nnUNetv2_train 515 3d_fullres 1 -tr SwinUNETR_DINO_Trainer",
-        "[new] nnssl_backbone=paper nnssl_run=paper_d501 nnUNetv2_train 515 3d_fullres 6 -tr SwinUNETR_DINO_Trainer",
-        "[new] nnssl_backbone=paper nnUNetv2_train 515 3d_fullres 1 -tr SwinUNETR_Scratch_Trainer",
-        "[new] nnssl_backbone=paper nnUNetv2_train 515 3d_fullres 6 -tr SwinUNETR_Scratch_Trainer"]
+        "[new] nnssl_backbone=paper nnssl_seed=0 nnssl_run=paper_d501 nnUNetv2_train 515 3d_fullres 1 -tr "
+        "SwinUNETR_DINO_Trainer -p nnsslPlans",
+        "[new] nnssl_backbone=paper nnssl_seed=0 nnssl_run=paper_d501 nnUNetv2_train 515 3d_fullres 6 -tr "
+        "SwinUNETR_DINO_Trainer -p nnsslPlans",
+        "[new] nnssl_backbone=paper nnssl_seed=0 nnUNetv2_train 515 3d_fullres 1 -tr SwinUNETR_Scratch_Trainer -p nnsslPlans",
+        "[new] nnssl_backbone=paper nnssl_seed=0 nnUNetv2_train 515 3d_fullres 6 -tr SwinUNETR_Scratch_Trainer -p nnsslPlans"]
+    assert "- dino: 50000 optimizer steps x 8 volumes = 400000 volumes seen" in result.stdout
 
 
 def test_cli_error_has_no_traceback(no_roots, capsys):
@@ -142,7 +153,7 @@ def test_another_plan_runs_a_toy_study_on_the_cpu(tmp_path, no_roots):
     outcome = run_benchmark(plan=path, device="cpu", folds=[0], output=tmp_path / "out", dry_run=True)
     shells = [j.shell() for j in outcome.plan.jobs]
     assert "nnssl_pretrain -m smit -d 980 --backbone tiny --run tiny_d980 --epochs 2 --device cpu" in shells
-    assert ("nnssl_backbone=tiny nnssl_num_epochs=3 nnssl_run=tiny_d980 nnUNetv2_train 981 3d_fullres 5 -tr "
+    assert ("nnssl_backbone=tiny nnssl_seed=0 nnssl_num_epochs=3 nnssl_run=tiny_d980 nnUNetv2_train 981 3d_fullres 5 -tr "
             "SwinUNETR_SMIT_Trainer -device cpu") in shells
     assert [j.command[-4:-2] for j in outcome.plan.jobs if j.kind == "cka"] == [("-device", "cpu")] * 2
     path.write_text(json.dumps({k: v for k, v in TOY_PLAN.items() if k != "tasks"}))
@@ -161,12 +172,12 @@ def _touch(path: Path) -> None:
     path.write_bytes(b"")
 
 
-def _preprocessed(root: Path, dataset: str, cases: int) -> None:
-    configuration = {"data_identifier": "nnUNetPlans_3d_fullres"}
-    _json(root / dataset / "nnUNetPlans.json", {"configurations": {"3d_fullres": configuration}})
+def _preprocessed(root: Path, dataset: str, cases: int, plans: str = "nnsslPlans") -> None:
+    configuration = {"data_identifier": f"{plans}_3d_fullres"}
+    _json(root / dataset / f"{plans}.json", {"configurations": {"3d_fullres": configuration}})
     _json(root / dataset / "dataset.json", {"numTraining": cases})
     for i in range(cases):
-        _touch(root / dataset / "nnUNetPlans_3d_fullres" / f"case_{i}.pkl")
+        _touch(root / dataset / f"{plans}_3d_fullres" / f"case_{i}.pkl")
 
 
 @pytest.fixture
@@ -179,15 +190,15 @@ def results_tree(tmp_path) -> DiskState:
         _json(raw / dataset / "dataset.json", {"numTraining": 1})
         _touch(raw / dataset / "labelsTr" / "case_001.nii.gz")
     _preprocessed(pre, "Dataset515_CHAOS", 2)
-    _preprocessed(pre, "Dataset501_CTcorpus", 3)
+    _preprocessed(pre, "Dataset501_CTcorpus", 3, plans="nnUNetPlans")
     _preprocessed(pre, "Dataset511_BTCV", 2)
-    (pre / "Dataset511_BTCV" / "nnUNetPlans_3d_fullres" / "case_1.pkl").unlink()
+    (pre / "Dataset511_BTCV" / "nnsslPlans_3d_fullres" / "case_1.pkl").unlink()
     _json(pre / "Dataset515_CHAOS" / "splits_final.json", [{"train": [], "val": []}] * 10)
     _json(pre / "Dataset515_CHAOS" / "fewshot.json", {"version": 1, "folds": {
         str(5 + b): {"base_fold": b, "shots": 5, "seed": 0} for b in range(5)}})
     _touch(ssl / "smit" / "paper_d501" / "encoder_final.pth")
     _json(ssl / "dino" / "paper_d501" / "config.json", {})
-    smit = res / "Dataset515_CHAOS" / "SwinUNETR_SMIT_Trainer__nnUNetPlans__3d_fullres"
+    smit = res / "Dataset515_CHAOS" / "SwinUNETR_SMIT_Trainer__nnsslPlans__3d_fullres"
     _touch(smit / "fold_0" / "checkpoint_final.pth")
     _json(smit / "fold_0" / "validation" / "summary.json", {})
     _touch(smit / "fold_1" / "checkpoint_latest.pth")
@@ -206,7 +217,7 @@ def test_resume_decisions_follow_the_files_on_disk(results_tree, tmp_path):
     assert jobs["plan/Dataset515_CHAOS"].state == DONE and jobs["plan/Dataset511_BTCV"].state == NEW
     assert not any(j.kind == "prepare" or j.id == "plan/Dataset501_CTcorpus" for j in plan.jobs)  # corpus is ready
     assert [(jobs[f"pretrain/{m}"].state, jobs[f"pretrain/{m}"].command[-1]) for m in ("smit", "dino", "byol")] == [
-        (DONE, "paper_d501"), (RESUME, "--resume"), (NEW, "paper_d501")]
+        (DONE, "128"), (RESUME, "--resume"), (NEW, "128")]
     # 5-shot keeps folds 5-9 from fewshot.json; 1- and 10-shot folds are appended after the 10 existing folds
     chaos_fewshot = jobs["fewshot/Dataset515_CHAOS/seed0"]
     assert chaos_fewshot.state == NEW

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from nnssl.analysis import plots
+from nnssl.analysis.protocol import alignment_rows, budget_rows, protocol_sections
 from nnssl.analysis.results import (MANY_SHOT, SCRATCH, UNKNOWN, ModelFolder, dataset_modality, load_fewshot,
                                     method_family, nnssl_trainer_classes, parse_model_folder, shot_setting,
                                     trainer_method)
@@ -337,6 +338,8 @@ def make_report(datasets: Sequence[str] | None = None, output: str | Path = "nns
         "convergence": convergence_table(runs),
         "modality": modality_table(dice_rows),
         "families": family_table(dice_rows),
+        "alignment": alignment_rows(runs),
+        "budget": budget_rows(runs),
     }
     tables["problems"] = [row for row in tables["folds"] if row["status"] != FINISHED]
     output = Path(output)
@@ -460,6 +463,7 @@ def _markdown(runs: list[FoldRun], tables: dict[str, list[dict]], notes: list[st
         rows = tables[name]
         parts += [f"## {title}\n", f"{text} (`{name}.csv`)\n",
                   markdown_table(rows, columns) if rows else "None.\n"]
+    parts += protocol_sections(tables)
     if figures:
         parts.append("## Figures\n")
         parts += [f"### {title}\n\n![{title}]({name})\n" for title, name in figures]

@@ -180,7 +180,10 @@ def _summary(outcome: BenchmarkOutcome, study: Study, out: Path, quick: bool, mi
         lines += [SCALE_NOTE, "",
                   "Dice: mean over the validation cases of fold 0 (foreground labels). CKA: mean same-layer "
                   "linear CKA of the encoder stages between the few-shot and the many-shot model.", "",
-                  markdown_table(rows, ["task", "modality", "method", "family", *shots, *ckas])]
+                  f"Fine-tuning plans: {study.plans_identifier}"
+                  f"{' (the corpus plans moved onto each task by nnssl_align_plans)' if study.aligned else ''}; "
+                  f"'aligned' is the trainers' check against each encoder's pretraining.", "",
+                  markdown_table(rows, ["task", "modality", "method", "family", "aligned", *shots, *ckas])]
     else:
         lines.append(f"No Dice table: {report / 'dice.csv'} was not written (see the failed jobs above).")
     lines += [f"Report:  {report / 'report.md'} (tables, dice.png, convergence_*.png, gap.png, modality.png)",
@@ -213,6 +216,12 @@ def summary_rows(dice_csv: Path, cka_dir: Path, study: Study) -> list[dict[str, 
         encoder = [value for layer, value in diagonal.items() if layer in ENCODER_LAYERS]
         if row is not None and encoder:
             row[f"CKA {run.split('_')[0].replace('shot', '-shot')} vs many"] = sum(encoder) / len(encoder)
+    alignment_csv = dice_csv.with_name("alignment.csv")  # the trainers' check, per model folder (nnssl_report)
+    if alignment_csv.is_file():
+        with open(alignment_csv, newline="", encoding="utf-8") as f:
+            for entry in csv.DictReader(f):
+                if (entry["task"], entry["method"]) in rows:
+                    rows[(entry["task"], entry["method"])]["aligned"] = entry["aligned"]
     order = list(study.methods)
     return sorted(rows.values(), key=lambda r: (r["task"], order.index(r["method"]) if r["method"] in order else 99))
 

@@ -127,6 +127,9 @@ def format_plan(plan: StudyPlan, log_dir: Path) -> str:
             counts = ", ".join(f"{sum(j.state == s for j in group)} {s}" for s in dict.fromkeys(j.state for j in group))
             lines.append(f"\n## {kind} ({len(group)}: {counts})")
             lines += [f"[{j.state}] {j.shell()}" for j in group]
+    if plan.budgets:
+        lines.append("\n## pretraining budget (optimizer steps x volumes per step, per method)")
+        lines += [f"- {budget.describe()}" for budget in plan.budgets.values()]
     if plan.missing:
         lines.append("\n## missing inputs (the run stops until they exist)")
         lines += [f"- {m}" for m in plan.missing]

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from nnssl.align_plans import CORPUS_PLANS
+from nnssl.benchmark.budget import Budget, method_budget
 from nnssl.benchmark.study import Study, TaskSpec
 from nnssl.errors import NnsslError
 from nnssl.fewshot import FEWSHOT_FILENAME, NUM_MANY_SHOT_FOLDS, SPLITS_FILENAME, plan_fewshot_folds
@@ -83,13 +85,14 @@ class Settings:
 class StudyPlan:
     jobs: list[Job]
     missing: list[str] = field(default_factory=list)  # inputs no job can make; each says what to run
+    budgets: dict[str, Budget] = field(default_factory=dict)  # pretraining budget per method
 
 
 class ResultsState(Protocol):
     """What the planner needs to know about the disk."""
 
     def raw_ready(self, dataset: str) -> bool: ...
-    def preprocessed(self, dataset: str) -> bool: ...
+    def preprocessed(self, dataset: str, plans: str | None = None) -> bool: ...  # None: the study's plans
     def fewshot(self, dataset: str) -> tuple[dict[str, dict], int]: ...  # fewshot.json folds, folds in splits
     def pretrain(self, method: str, run: str) -> str: ...
     def finetune(self, dataset: str, trainer: str, fold: int) -> str: ...
@@ -136,8 +139,10 @@ def plan_study(study: Study, selection: Selection, settings: Settings, state: Re
     """Every job of the selected part of the study, in start order (see the module docstring)."""
     plan = StudyPlan(jobs=[])
     to_pretrain = [m for m in selection.methods if study.methods[m].pretrained]
+    plan.budgets = {m: method_budget(study.pretraining, m, study.pretrain_args) for m in to_pretrain}
     corpus_job = None
-    if any(state.pretrain(m, study.corpus_run) != DONE for m in to_pretrain):
+    aligning = study.aligned and any(not state.preprocessed(study.tasks[k].dataset) for k in selection.tasks)
+    if aligning or any(state.pretrain(m, study.corpus_run) != DONE for m in to_pretrain):
         corpus_job = _corpus_job(study, settings, state, plan)
     plan_jobs = {}
     for key in selection.tasks:
@@ -146,8 +151,9 @@ def plan_study(study: Study, selection: Selection, settings: Settings, state: Re
             plan.missing.append(f"{task.dataset} is not in $nnUNet_raw; convert the download "
                                 f"({task.source.get('download', task.source.get('url', '?'))}) with: "
                                 f"nnssl_convert {task.key} <download folder>")
-        plan_jobs[key] = _plan_job(study, task.dataset_id, task.dataset, state)
-    pretrain_jobs = {m: _pretrain_job(study, m, settings, state, corpus_job) for m in to_pretrain}
+        plan_jobs[key] = (_align_job(study, task, state, corpus_job) if study.aligned
+                          else _plan_job(study, task.dataset_id, task.dataset, state))
+    pretrain_jobs = {m: _pretrain_job(study, m, plan.budgets[m], settings, state, corpus_job) for m in to_pretrain}
     plan.jobs += [*plan_jobs.values(), *pretrain_jobs.values()]
     finetune_jobs: list[Job] = []
     cka_jobs: list[Job] = []
@@ -179,7 +185,7 @@ def _task_jobs(study: Study, task: TaskSpec, selection: Selection, settings: Set
         deps = _ids(plan_job, *fewshot_jobs, pretrain_jobs.get(name))
         by_run = {(base, n, seed): _finetune_job(study, task, method.trainer, method.pretrained,
                                                  base if n is None else fold_of[(base, n, seed)], deps, settings,
-                                                 state)
+                                                 state, study.seeds[0] if seed is None else seed)
                   for base, n, seed in runs}
         finetune_jobs += by_run.values()
         for base, n, seed in by_run:
@@ -206,17 +212,28 @@ def _processes(study: Study, *flags: str) -> tuple[str, ...]:
     return tuple(arg for flag in flags for arg in (flag, str(study.num_processes)))
 
 
-def _plan_job(study: Study, dataset_id: int, dataset: str, state: ResultsState, deps: tuple[str, ...] = ()) -> Job:
+def _plan_job(study: Study, dataset_id: int, dataset: str, state: ResultsState, deps: tuple[str, ...] = (),
+              plans: str | None = None) -> Job:
     command = ("nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", study.configuration,
                "--verify_dataset_integrity", *_processes(study, "-npfp", "-np"))
-    return Job(f"plan/{dataset}", "plan", command, DONE if state.preprocessed(dataset) else NEW, deps=deps)
+    return Job(f"plan/{dataset}", "plan", command, DONE if state.preprocessed(dataset, plans) else NEW, deps=deps)
 
 
-def _pretrain_job(study: Study, method: str, settings: Settings, state: ResultsState,
+def _align_job(study: Study, task: TaskSpec, state: ResultsState, corpus_job: Job | None) -> Job:
+    """The corpus's plans moved onto the task and nnU-Net's preprocessing with them (nnssl_align_plans)."""
+    command = ("nnssl_align_plans", "-d", str(task.dataset_id), "--corpus", str(study.corpus_id),
+               "-pl", study.plans_identifier, *(("--study", str(study.source)) if study.source.is_absolute() else ()),
+               *_processes(study, "-np"))
+    return Job(f"plan/{task.dataset}", "plan", command, DONE if state.preprocessed(task.dataset) else NEW,
+               deps=_ids(corpus_job))
+
+
+def _pretrain_job(study: Study, method: str, budget: Budget, settings: Settings, state: ResultsState,
                   corpus_job: Job | None) -> Job:
     run_state = state.pretrain(method, study.corpus_run)
+    budget_args = budget.args() if study.pretraining.protocol == "shared" else ()
     command = ["nnssl_pretrain", "-m", method, "-d", str(study.corpus_id), "--backbone", study.backbone,
-               "--run", study.corpus_run, *study.pretrain_args]
+               "--run", study.corpus_run, *budget_args, *study.pretrain_args]
     command += ["--device", "cpu"] if settings.device == "cpu" else []
     command += ["--resume"] if run_state == RESUME else []
     return Job(f"pretrain/{method}", "pretrain", tuple(command), run_state, deps=_ids(corpus_job), gpu=True)
@@ -224,14 +241,14 @@ def _pretrain_job(study: Study, method: str, settings: Settings, state: ResultsS
 
 def _corpus_job(study: Study, settings: Settings, state: ResultsState, plan: StudyPlan) -> Job | None:
     """The job that makes the preprocessed corpus, if it is not there yet (appended to ``plan``)."""
-    if state.preprocessed(study.corpus_dataset):
+    if state.preprocessed(study.corpus_dataset, CORPUS_PLANS):
         return None
     if settings.corpus_dir is not None:
         command = ("nnssl_prepare_corpus", "-i", str(settings.corpus_dir), "-d", str(study.corpus_id),
                    "-n", study.corpus_name, *_processes(study, "-np"))
         job = Job(f"prepare/{study.corpus_dataset}", "prepare", command, NEW)
     elif state.raw_ready(study.corpus_dataset):
-        job = _plan_job(study, study.corpus_id, study.corpus_dataset, state)
+        job = _plan_job(study, study.corpus_id, study.corpus_dataset, state, plans=CORPUS_PLANS)
     else:
         plan.missing.append(f"The pretraining corpus {study.corpus_dataset} is neither preprocessed nor in "
                             f"$nnUNet_raw. Make it with: nnssl_prepare_corpus -i <CT folder> -d {study.corpus_id} "
@@ -258,12 +275,12 @@ def _fewshot_jobs(study: Study, task: TaskSpec, shots: list[int], existing: dict
 
 
 def _finetune_job(study: Study, task: TaskSpec, trainer: str, pretrained: bool, fold: int, deps: tuple[str, ...],
-                  settings: Settings, state: ResultsState) -> Job:
+                  settings: Settings, state: ResultsState, seed: int) -> Job:
     run_state = state.finetune(task.dataset, trainer, fold)
     command = ["nnUNetv2_train", str(task.dataset_id), study.configuration, str(fold), "-tr", trainer]
-    command += ["-p", study.plans_identifier] if study.plans_identifier != "nnUNetPlans" else []
+    command += ["-p", study.plans_identifier] if study.plans_identifier != CORPUS_PLANS else []
     command += [*_device_flag(settings), *(["--c"] if run_state == RESUME else [])]
-    env = {"nnssl_backbone": study.backbone, **study.finetune_env}
+    env = {"nnssl_backbone": study.backbone, "nnssl_seed": str(seed), **study.finetune_env}
     if pretrained:
         env["nnssl_run"] = study.corpus_run  # the study's pretraining run, not whichever is newest
     return Job(f"finetune/{task.dataset}/{trainer}/fold_{fold}", "finetune", tuple(command), run_state,
@@ -297,10 +314,11 @@ class DiskState:
 
         return is_complete(self.raw_dir / dataset)
 
-    def preprocessed(self, dataset: str) -> bool:
-        """Plans written and one preprocessed case (``.pkl``, nnU-Net writes it last) per training case."""
+    def preprocessed(self, dataset: str, plans: str | None = None) -> bool:
+        """``plans`` (default: the study's) written and one preprocessed case (``.pkl``, nnU-Net writes it last) per
+        training case."""
         folder = self.preprocessed_dir / dataset
-        plans, meta = folder / f"{self.study.plans_identifier}.json", folder / "dataset.json"
+        plans, meta = folder / f"{plans or self.study.plans_identifier}.json", folder / "dataset.json"
         if not plans.is_file() or not meta.is_file():
             return False
         try:

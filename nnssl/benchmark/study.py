@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nnssl.align_plans import CORPUS_PLANS
+from nnssl.benchmark.budget import PretrainingProtocol, parse_protocol
 from nnssl.errors import NnsslError
 from nnssl.plans import did_you_mean, load_plan
 
@@ -32,6 +34,7 @@ class TaskSpec:
     description: str
     source: dict[str, str]
     options: dict[str, Any] = field(default_factory=dict)  # converter-specific keys of the task entry
+    align: dict[str, Any] = field(default_factory=dict)  # nnssl_align_plans overrides, e.g. {"spacing": [z, y, x]}
 
     @property
     def dataset(self) -> str:
@@ -64,6 +67,12 @@ class Study:
     finetune_env: dict[str, str] = field(default_factory=dict)  # e.g. {"nnssl_num_epochs": "5"}
     num_processes: int | None = None  # worker processes of corpus preparation and nnU-Net planning (None: theirs)
     cka_args: tuple[str, ...] = ()  # extra nnssl_cka options (e.g. --patches-per-case 32)
+    pretraining: PretrainingProtocol = PretrainingProtocol("reference")  # the budget every method gets
+
+    @property
+    def aligned(self) -> bool:
+        """Fine-tuning plans made by nnssl_align_plans (any identifier but nnU-Net's own)."""
+        return self.plans_identifier != CORPUS_PLANS
 
     @property
     def corpus_dataset(self) -> str:
@@ -90,7 +99,7 @@ class Study:
 
 
 _TASK_KEYS = {"dataset_id", "dataset_name", "modality", "converter", "channel_names", "labels", "few_shot",
-              "expected_cases", "description", "source"}
+              "expected_cases", "description", "source", "align"}
 
 
 def load_study(plan: str | Path | None = None) -> Study:
@@ -124,6 +133,7 @@ def _parse(data: dict[str, Any], source: Path) -> Study:
         finetune_env={str(k): str(v) for k, v in data.get("finetune_env", {}).items()},
         num_processes=int(data["num_processes"]) if data.get("num_processes") is not None else None,
         cka_args=tuple(str(a) for a in data["cka"].get("args", [])),
+        pretraining=parse_protocol(data.get("pretraining"), str(source)),
     )
 
 
@@ -142,6 +152,6 @@ def _parse_task(key: str, entry: dict[str, Any], source: Path) -> TaskSpec:
         modality=entry["modality"], converter=entry.get("converter", ""),  # none for data made by nnssl itself
         channel_names={str(k): v for k, v in entry["channel_names"].items()}, labels=labels, few_shot=few_shot,
         expected_cases=entry.get("expected_cases"), description=entry.get("description", ""),
-        source=dict(entry.get("source", {})),
+        source=dict(entry.get("source", {})), align=dict(entry.get("align", {})),
         options={k: v for k, v in entry.items() if k not in _TASK_KEYS and not k.startswith("_")},
     )

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--steps-per-epoch", type=int, help="default: one pass over the corpus")
     parser.add_argument("--batch-size", type=int, help="per GPU/process")
-    parser.add_argument("--lr", type=float, help="peak learning rate (absolute)")
+    parser.add_argument("--lr", type=float, help="base peak learning rate, stated for a global batch of lr_batch (a "
+                        "plan setting); the loop scales it linearly to GPUs x batch size x accumulate")
     parser.add_argument("--num-workers", type=int, help="data-loading worker processes per GPU/process")
     parser.add_argument("--device", choices=("cuda", "cpu"))
     parser.add_argument("--seed", type=int)

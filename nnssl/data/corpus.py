@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from nnssl.errors import NnsslError
 from nnssl.io import atomic_path, save_json
-from nnssl.paths import environment, nnunet_preprocessed, nnunet_raw
+from nnssl.paths import nnunet_planner_environment, nnunet_preprocessed, nnunet_raw
 
 log = logging.getLogger(__name__)
 
@@ -232,9 +232,7 @@ def _nnunet_preprocess(dataset_id: int, num_processes: int,
     extract_fingerprints([dataset_id], num_processes=num_processes, check_dataset_integrity=True, clean=True)
     # nnU-Net orders spacings like its arrays (z, y, x); ours is given x/y/z like SimpleITK
     spacing = None if target_spacing is None else tuple(float(s) for s in reversed(target_spacing))
-    # nnU-Net 2.8.1's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for the valid
-    # training setting nnUNet_n_proc_DA=0
-    with environment({"nnUNet_n_proc_DA": "1"} if os.environ.get("nnUNet_n_proc_DA") == "0" else {}):
+    with nnunet_planner_environment():
         plan_experiments([dataset_id], overwrite_target_spacing=spacing)
     preprocess([dataset_id], configurations=("3d_fullres",), num_processes=(num_processes,))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from nnssl.data.views import ViewMaker
 from nnssl.errors import NnsslError
 from nnssl.io import load_json
-from nnssl.methods.base import ViewSpec
+from nnssl.data.spec import ViewSpec
 from nnssl.paths import dataset_folder, nnunet_preprocessed
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,9 @@ class Corpus:
     in_channels: int
     spacing: tuple[float, ...]
     normalization: tuple[str, ...]
+    # nnU-Net's foreground_intensity_properties_per_channel of the first dataset: CTNormalization's clip window
+    # (percentile_00_5, percentile_99_5) and mean/std, which fine-tuning must reuse to see the same numbers
+    intensity_properties: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -46,6 +49,7 @@ def load_corpus(datasets: Sequence[str | int], configuration: str = "3d_fullres"
     """The preprocessed cases of ``datasets``; errors say which nnU-Net command is missing."""
     root = nnunet_preprocessed()
     names, folders, cases, channels, spacings, normalizations = [], [], [], set(), [], set()
+    intensities = []
     for dataset in datasets:
         base = _preprocessed_folder(root, dataset, configuration)
         plans_file = base / f"{plans}.json"
@@ -66,13 +70,15 @@ def load_corpus(datasets: Sequence[str | int], configuration: str = "3d_fullres"
         channels.add(len(dataset_json["channel_names"]))
         spacings.append(tuple(config["spacing"]))
         normalizations.update(config["normalization_schemes"])
+        intensities.append(plan.get("foreground_intensity_properties_per_channel", {}))
         cases += [(len(folders), identifier) for identifier in identifiers]
         names.append(base.name)
         folders.append(folder)
     if len(channels) > 1:
         raise NnsslError(f"Datasets {names} have different numbers of input channels {sorted(channels)}; "
                          f"a pooled corpus needs one.")
-    return Corpus(tuple(names), tuple(folders), tuple(cases), channels.pop(), spacings[0], tuple(sorted(normalizations)))
+    return Corpus(tuple(names), tuple(folders), tuple(cases), channels.pop(), spacings[0], tuple(sorted(normalizations)),
+                  intensities[0])
 
 
 def _preprocessed_folder(root: Path, dataset: str | int, configuration: str) -> Path:
@@ -140,5 +146,5 @@ def _seed_worker(worker_id: int) -> None:
 
 def make_loader(dataset: RegionDataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                      worker_init_fn=_seed_worker if num_workers > 0 else None,
+                      collate_fn=dataset.views.collate, worker_init_fn=_seed_worker if num_workers > 0 else None,
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)

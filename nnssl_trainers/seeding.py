@@ -1,0 +1,86 @@
+"""Seeded fine-tuning (``nnssl_seed``): the same seed gives the same run on the CPU, with or without DA workers.
+
+nnU-Net seeds nothing, and its ``NonDetMultiThreadedAugmenter`` hands batches over in the order its workers
+finish them. A seeded run therefore needs three things: Python, NumPy and torch seeded in the trainer before
+the network is built; every data-augmentation worker seeded with its own seed (NumPy by batchgenerators,
+torch and Python here: batchgeneratorsv2's transforms draw from torch); and batchgenerators'
+``MultiThreadedAugmenter``, which returns the batches of its workers in a fixed round-robin order.
+On a GPU, cuDNN's autotuned kernels (nnU-Net sets ``cudnn.benchmark``) may still make runs differ slightly.
+"""
+from __future__ import annotations
+
+import os
+import random
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from nnssl.errors import NnsslError
+
+SEED_ENV = "nnssl_seed"
+DEFAULT_SEED = 0
+_STREAMS = {"train": 1, "val": 2}  # separate seed streams for the two augmenters nnU-Net builds
+
+
+def env_seed() -> int | None:
+    """The whole number >= 0 in ``nnssl_seed``, or None when it is unset or empty."""
+    value = os.environ.get(SEED_ENV, "")
+    if value == "":
+        return None
+    if not value.strip().isdigit():
+        raise NnsslError(f"Environment variable {SEED_ENV}={value!r} must be a whole number >= 0, e.g. "
+                         f"{SEED_ENV}=1 (default {DEFAULT_SEED}).")
+    return int(value)
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's global generators of this process."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def worker_seeds(seed: int, stream: str, count: int) -> list[int]:
+    """``count`` independent seeds for the workers of one augmenter (``train`` or ``val``)."""
+    return [int(s) for s in np.random.SeedSequence([seed, _STREAMS[stream]]).generate_state(count)]
+
+
+def _seeding_loader(data_loader: Any, seeds: list[int]) -> Any:
+    """``data_loader`` whose ``set_thread_id`` (called first thing in each worker) also seeds Python and torch."""
+    set_thread_id = data_loader.set_thread_id
+
+    def seeded_set_thread_id(thread_id: int) -> None:
+        seed_everything(seeds[thread_id])
+        set_thread_id(thread_id)
+
+    data_loader.set_thread_id = seeded_set_thread_id  # the worker gets its own (forked) copy of the loader
+    return data_loader
+
+
+@contextmanager
+def ordered_augmenters(seed: int) -> Iterator[None]:
+    """Inside the block, nnU-Net's trainer module builds seeded, order-preserving augmenters.
+
+    ``nnUNetTrainer.get_dataloaders`` constructs ``NonDetMultiThreadedAugmenter`` inline, with no hook to
+    override; the module-level name is swapped for the duration of that one call.
+    """
+    from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
+
+    streams = iter(_STREAMS)
+
+    def seeded_augmenter(data_loader: Any, transform: Any, num_processes: int, num_cached: int = 2,
+                         seeds: Any = None, pin_memory: bool = False, wait_time: float = 0.02) -> Any:
+        per_worker = worker_seeds(seed, next(streams), num_processes)
+        return MultiThreadedAugmenter(_seeding_loader(data_loader, per_worker), transform, num_processes,
+                                      num_cached_per_queue=num_cached, seeds=per_worker, pin_memory=pin_memory,
+                                      wait_time=wait_time)
+
+    original = trainer_module.NonDetMultiThreadedAugmenter
+    trainer_module.NonDetMultiThreadedAugmenter = seeded_augmenter
+    try:
+        yield
+    finally:
+        trainer_module.NonDetMultiThreadedAugmenter = original
