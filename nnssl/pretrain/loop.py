@@ -44,7 +44,7 @@ from nnssl.schedules import warmup_cosine
 log = logging.getLogger(__name__)
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # one kernel over all parameters instead of ~10 ops per tensor
 # settings a resumed run may change; everything else would change the schedule being continued
-RESUMABLE_CHANGES = {"num_workers", "checkpoint_every", "log_every", "device", "compile", "run"}
+RESUMABLE_CHANGES = {"num_workers", "checkpoint_every", "log_every", "device", "compile", "run", "probe", "probe_every"}
 
 
 class RunInterrupted(Exception):
@@ -152,6 +152,12 @@ class Pretrainer:
         self.folder = nnssl_results() / config.method / config.run
         self.corpus: Corpus = load_corpus(config.datasets, config.configuration, config.plans)
         self.terms: list[str] | None = None  # the logged loss entries, known after the first logged step
+        self.probe = None
+        if config.probe and self.main:
+            from nnssl.probe.during_pretraining import PretrainProbe
+
+            self.probe = PretrainProbe(config.probe, config.method, self.corpus.in_channels, config.probe_every,
+                                       config.seed, self.device)
 
     def _setup_device(self) -> torch.device:
         if self.config.device == "cuda" and not torch.cuda.is_available():
@@ -265,6 +271,8 @@ class Pretrainer:
         batches = self._batches(start)
         bar = tqdm(total=self.total_steps, initial=start, desc=f"{config.method} {config.run}", disable=not self.main,
                    dynamic_ncols=True)
+        if self.probe:
+            self.probe.start(method, start)
         skipped, tick = 0, time.perf_counter()
         for step in range(start, self.total_steps):
             epoch = step / self.steps_per_epoch
@@ -287,15 +295,21 @@ class Pretrainer:
             for student, teacher in method.ema_pairs():
                 update_momentum(student, teacher, momentum)
             done = step + 1
-            if self.main and (done % config.log_every == 0 or done == self.total_steps):
+            probed = self.probe.after_step(method, done, self.total_steps) if self.probe else None
+            tick += probed.seconds if probed else 0.0  # samples_per_s counts training only
+            if self.main and (done % config.log_every == 0 or done == self.total_steps
+                              or (probed and probed.dice is not None)):
                 now = time.perf_counter()
                 values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in outputs.items()}
                 self.terms = list(values)
                 row = {"step": done, "epoch": round(done / self.steps_per_epoch, 4), "lr": lr, "weight_decay": wd,
                        "momentum": momentum if momentum is not None else "", **values, **scheduled,
                        "samples_per_s": self.samples_per_step * config.log_every / max(now - tick, 1e-9),
-                       "time": f"{time.time():.2f}"}  # a string: log.csv writes floats with 6 digits
+                       "time": f"{time.time():.2f}",  # a string: log.csv writes floats with 6 digits
+                       **(probed.columns() if probed else {})}
                 tick = now
+                for early in self.probe.pending_rows(row) if self.probe else []:
+                    csv_log.append(early)
                 csv_log.append(row)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
             bar.update(1)
@@ -309,6 +323,8 @@ class Pretrainer:
                                      f"checkpoint saved in {self.folder}. Continue with the same command plus --resume.",
                                      signal_number)
         bar.close()
+        if self.probe:
+            log.info(self.probe.report())
 
     def _accumulate(self, batches) -> dict[str, torch.Tensor]:
         accumulate = self.config.accumulate
