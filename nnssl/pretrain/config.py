@@ -49,6 +49,8 @@ class PretrainConfig:
     log_every: int = 1
     nonfinite: str = "stop"  # stop: save nothing, exit with an error; skip: drop the step (at most max_skipped)
     max_skipped: int = 20
+    probe: str | None = None  # nnU-Net task to probe the encoder on during the run (nnssl.probe.during_pretraining)
+    probe_every: int | None = None  # steps between probes; None: as often as 10% of the training time allows
     method_params: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,6 +137,10 @@ def _validate(config: PretrainConfig) -> None:
             raise NnsslError(f"Setting {key}={getattr(config, key)!r} must be a whole number >= 1.")
     if config.steps_per_epoch is not None and config.steps_per_epoch < 1:
         raise NnsslError(f"--steps-per-epoch must be >= 1, got {config.steps_per_epoch}.")
+    if config.probe_every is not None and (not isinstance(config.probe_every, int) or config.probe_every < 1):
+        raise NnsslError(f"--probe-every must be a whole number >= 1, got {config.probe_every!r}.")
+    if config.probe_every is not None and config.probe is None:
+        raise NnsslError("--probe-every needs --probe TASK (the nnU-Net task to probe on).")
     if config.lr <= 0:
         raise NnsslError(f"--lr must be > 0, got {config.lr}.")
     if config.lr_batch is not None and (not isinstance(config.lr_batch, int) or config.lr_batch < 1):

@@ -44,12 +44,13 @@ from nnssl.schedules import warmup_cosine
 log = logging.getLogger(__name__)
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # one kernel over all parameters instead of ~10 ops per tensor
 # settings a resumed run may change; everything else would change the schedule being continued
-RESUMABLE_CHANGES = {"num_workers", "checkpoint_every", "log_every", "device", "compile", "grad_checkpointing",
-                     "run"}
+RESUMABLE_CHANGES = {"num_workers", "checkpoint_every", "log_every", "device", "compile", "run", "probe", "probe_every",
+                     "grad_checkpointing"}
 
 
 class RunInterrupted(Exception):
-    """SIGINT/SIGTERM arrived; a consistent checkpoint was saved. ``signal_number`` says which."""
+    """SIGINT/SIGTERM/SIGUSR1 arrived (on any rank); a consistent checkpoint was saved. ``signal_number`` says
+    which."""
 
     def __init__(self, message: str, signal_number: int):
         super().__init__(message)
@@ -104,15 +105,19 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # Ctrl-C, kill/scancel, Slurm's --signal=USR1@s
+
+
 class _StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (so a checkpoint is never half-made)."""
+    """Turns SIGINT/SIGTERM/SIGUSR1 into a flag the loop checks between steps (so a checkpoint is never
+    half-made). Under DDP the ranks agree on it once per step (:meth:`Pretrainer._agreed_stop`)."""
 
     def __init__(self):
         self.signal_number: int | None = None
         self._previous = {}
 
     def __enter__(self) -> "_StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -148,6 +153,12 @@ class Pretrainer:
         self.folder = nnssl_results() / config.method / config.run
         self.corpus: Corpus = load_corpus(config.datasets, config.configuration, config.plans)
         self.terms: list[str] | None = None  # the logged loss entries, known after the first logged step
+        self.probe = None
+        if config.probe and self.main:
+            from nnssl.probe.during_pretraining import PretrainProbe
+
+            self.probe = PretrainProbe(config.probe, config.method, self.corpus.in_channels, config.probe_every,
+                                       config.seed, self.device)
 
     def _setup_device(self) -> torch.device:
         if self.config.device == "cuda" and not torch.cuda.is_available():
@@ -262,6 +273,8 @@ class Pretrainer:
         batches = self._batches(start)
         bar = tqdm(total=self.total_steps, initial=start, desc=f"{config.method} {config.run}", disable=not self.main,
                    dynamic_ncols=True)
+        if self.probe:
+            self.probe.start(method, start)
         skipped, tick = 0, time.perf_counter()
         for step in range(start, self.total_steps):
             epoch = step / self.steps_per_epoch
@@ -284,27 +297,36 @@ class Pretrainer:
             for student, teacher in method.ema_pairs():
                 update_momentum(student, teacher, momentum)
             done = step + 1
-            if self.main and (done % config.log_every == 0 or done == self.total_steps):
+            probed = self.probe.after_step(method, done, self.total_steps) if self.probe else None
+            tick += probed.seconds if probed else 0.0  # samples_per_s counts training only
+            if self.main and (done % config.log_every == 0 or done == self.total_steps
+                              or (probed and probed.dice is not None)):
                 now = time.perf_counter()
                 values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in outputs.items()}
                 self.terms = list(values)
                 row = {"step": done, "epoch": round(done / self.steps_per_epoch, 4), "lr": lr, "weight_decay": wd,
                        "momentum": momentum if momentum is not None else "", **values, **scheduled,
                        "samples_per_s": self.samples_per_step * config.log_every / max(now - tick, 1e-9),
-                       "time": f"{time.time():.2f}"}  # a string: log.csv writes floats with 6 digits
+                       "time": f"{time.time():.2f}",  # a string: log.csv writes floats with 6 digits
+                       **(probed.columns() if probed else {})}
                 tick = now
+                for early in self.probe.pending_rows(row) if self.probe else []:
+                    csv_log.append(early)
                 csv_log.append(row)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
             bar.update(1)
             if done % config.checkpoint_every == 0 and done < self.total_steps:
                 self._save(done, csv_log)
-            if stop.signal_number is not None:
+            signal_number = self._agreed_stop(stop)
+            if signal_number:
                 self._save(done, csv_log)
                 bar.close()
-                raise RunInterrupted(f"Interrupted by signal {stop.signal_number} at step {done}/{self.total_steps}; "
+                raise RunInterrupted(f"Interrupted by signal {signal_number} at step {done}/{self.total_steps}; "
                                      f"checkpoint saved in {self.folder}. Continue with the same command plus --resume.",
-                                     stop.signal_number)
+                                     signal_number)
         bar.close()
+        if self.probe:
+            log.info(self.probe.report())
 
     def _accumulate(self, batches) -> dict[str, torch.Tensor]:
         accumulate = self.config.accumulate
@@ -347,6 +369,17 @@ class Pretrainer:
         value = flag.to(self.device, torch.float32).reshape(1)
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item() > 0)
+
+    def _agreed_stop(self, stop: _StopFlag) -> int:
+        """The stop signal if any rank got one (0: none). A signal may reach one rank only (Slurm signals the
+        batch step, Ctrl-C one terminal), so every rank joins this one all-reduce per step and all stop at the
+        same step; a rank that stopped alone would leave the others waiting in the checkpoint's gather."""
+        local = stop.signal_number or 0
+        if not self.distributed:
+            return local
+        value = torch.tensor([local], device=self.device, dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return int(value.item())
 
     def _handle_nonfinite(self, step: int, skipped: int, outputs: dict[str, torch.Tensor]) -> int:
         self.optimizer.zero_grad(set_to_none=True)
