@@ -59,7 +59,7 @@ def reference_rate(files: list[Path], crop: int, seconds: float) -> float:
 
 def ours_rate(crop: int, seconds: float) -> float:
     from nnssl.data.loader import RegionDataset, load_corpus
-    from nnssl.methods.base import MaskSpec, ViewSpec
+    from nnssl.data.spec import MaskSpec, ViewSpec
 
     spec = ViewSpec(mask=MaskSpec(ratio=(0.6, 0.6), block_size=16))
     stream = iter(RegionDataset(load_corpus([DATASET_ID]), spec, (crop,) * 3, token_patch=2, seed=0))

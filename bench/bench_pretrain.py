@@ -43,7 +43,7 @@ class _Stepper:
         rng = np.random.default_rng(0)
         region = torch.randn(1, *views.region_size)
         samples = [views(region, rng) for _ in range(batch_size)]
-        self.batch = {k: torch.stack([s[k] for s in samples]).to(device) for k in samples[0]}
+        self.batch = {k: v.to(device) for k, v in views.collate(samples).items()}
 
     def step(self) -> float:
         from nnssl.networks.heads import update_momentum

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from nnssl.errors import NnsslError
 from nnssl.io import save_torch
 from nnssl.networks.presets import BackbonePreset
-from nnssl.networks.swin import ENCODER_PREFIX
+from nnssl.networks.swin import ENCODER_PREFIX, SwinEncoder, build_encoder
 
 ENCODER_FORMAT = "nnssl-encoder"
 ENCODER_VERSION = 1
@@ -127,6 +127,29 @@ def find_encoder_checkpoint(method: str, results_root: Path, filename: str = ENC
             f"or pass a file with: nnUNetv2_train ... -pretrained_weights /path/to/{filename}"
         )
     return found[-1]
+
+
+def run_encoder_file(folder: Path, method: str) -> Path:
+    """The encoder file of a finished run folder that fine-tuning and probing use for ``method``: the teacher's
+    where :func:`nnssl.plans.finetune_encoder` says so (DINO, iBOT), else the student's."""
+    from nnssl.plans import finetune_encoder
+
+    choice = finetune_encoder(method)
+    path = folder / ENCODER_FILES[choice]
+    if not path.is_file():
+        raise NnsslError(f"{folder} has no {path.name} (the {choice} encoder, which '{method}' fine-tuning uses): the "
+                         f"run is unfinished. Continue it with: nnssl_pretrain -m {method} -d <corpus dataset id> "
+                         f"--run {folder.name} --resume")
+    return path
+
+
+def build_pretrained_encoder(checkpoint: EncoderCheckpoint, in_channels: int) -> SwinEncoder:
+    """The checkpoint's Swin encoder for ``in_channels`` inputs (patch embedding adapted as in fine-tuning,
+    :func:`adapt_patch_embedding`), in eval mode."""
+    holder = nn.Module()  # exposes the encoder as ``swinViT``, the key prefix the loader expects
+    holder.swinViT = build_encoder(checkpoint.preset, in_channels=in_channels)
+    load_encoder_weights(holder, checkpoint)
+    return holder.swinViT.eval()
 
 
 def adapt_patch_embedding(weight: Tensor, in_channels: int) -> Tensor:

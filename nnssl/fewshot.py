@@ -132,7 +132,7 @@ def add_fewshot_folds(dataset: str | int, shots: Sequence[int], folds: Sequence[
     if seed < 0:
         raise NnsslError(f"--seed must be 0 or positive; got {seed}.")
     splits_path = folder / SPLITS_FILENAME
-    splits = _load_splits(splits_path) if splits_path.is_file() else _default_splits(folder)
+    splits = load_splits(folder)
     recorded = load_fewshot(folder)
     base_folds = _base_folds(folds, splits, recorded, splits_path)
     _check_shots(shots, base_folds, splits, folder.name)
@@ -147,6 +147,13 @@ def add_fewshot_folds(dataset: str | int, shots: Sequence[int], folds: Sequence[
                         len(updated[int(k)]["val"]), added=int(k) >= len(splits))
             for k, v in sorted(plan.items(), key=lambda item: int(item[0]))
             if (v["base_fold"], v["shots"], v["seed"]) in wanted]
+
+
+def load_splits(folder: Path) -> list[dict[str, list[str]]]:
+    """``folder/splits_final.json``, or nnU-Net's default 5-fold split of the preprocessed cases when the file
+    does not exist yet (what ``nnUNetv2_train`` would write; nothing is written here)."""
+    path = Path(folder) / SPLITS_FILENAME
+    return _load_splits(path) if path.is_file() else _default_splits(Path(folder))
 
 
 def _load_splits(path: Path) -> list[dict[str, list[str]]]:

@@ -329,10 +329,11 @@ def _from_smit(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]
 
 
 def _check_method(method: str) -> str:
-    from nnssl_trainers.swinunetr import METHOD_TRAINERS  # the methods a fine-tuning trainer exists for
+    from nnssl.methods.registry import trainer_names  # the methods a fine-tuning trainer exists for
     from nnssl.plans import did_you_mean
 
-    if method not in METHOD_TRAINERS:
-        raise NnsslError(f"--method {method} is not an nnssl method.{did_you_mean(method, sorted(METHOD_TRAINERS))} "
-                         f"Known: {', '.join(sorted(METHOD_TRAINERS))}.")
+    methods = sorted(trainer_names())
+    if method not in methods:
+        raise NnsslError(f"--method {method} is not an nnssl method.{did_you_mean(method, methods)} "
+                         f"Known: {', '.join(methods)}.")
     return method

@@ -54,6 +54,7 @@ from nnssl.checkpoints import (ENCODER_FILES, RUN_ENV, EncoderCheckpoint, descri
 from nnssl.errors import NnsslError, exit_on_user_error
 from nnssl.fewshot import NUM_MANY_SHOT_FOLDS, load_fewshot
 from nnssl.io import CONCURRENT_WRITE_WAIT_S, atomic_path, load_json
+from nnssl.methods.registry import trainer_names
 from nnssl.networks import BackbonePreset, ENCODER_PREFIX, build_swinunetr, get_preset
 from nnssl.networks.swinunetr import swin_patch_size
 from nnssl.paths import nnssl_results, nnunet_results
@@ -462,43 +463,15 @@ if not getattr(nnunet_run_training.maybe_load_checkpoint, "nnssl_wrapped", False
     nnunet_run_training.maybe_load_checkpoint = _route_pretrained_weights(nnunet_run_training.maybe_load_checkpoint)
 
 
-# One trainer per SSL method; each finds its encoder in $nnssl_results/<pretrain_method>/.
-class SwinUNETR_SimCLR_Trainer(SwinUNETR_Scratch_Trainer):
-    pretrain_method = "simclr"
+def _method_trainer(method: str, name: str) -> type[SwinUNETR_Scratch_Trainer]:
+    """The trainer class ``name`` that fine-tunes ``method``'s encoders, found in $nnssl_results/<method>/."""
+    return type(name, (SwinUNETR_Scratch_Trainer,), {
+        "pretrain_method": method, "__module__": __name__, "__qualname__": name,
+        "__doc__": f"SwinUNETR initialised from the newest '{method}' encoder (nnssl_pretrain -m {method})."})
 
 
-class SwinUNETR_MoCoV3_Trainer(SwinUNETR_Scratch_Trainer):
-    pretrain_method = "mocov3"
-
-
-class SwinUNETR_BYOL_Trainer(SwinUNETR_Scratch_Trainer):
-    pretrain_method = "byol"
-
-
-class SwinUNETR_RotNet_Trainer(SwinUNETR_Scratch_Trainer):
-    pretrain_method = "rotnet"
-
-
-class SwinUNETR_SwinSSL_Trainer(SwinUNETR_Scratch_Trainer):
-    pretrain_method = "swinssl"
-
-
-class SwinUNETR_SimMIM_Trainer(SwinUNETR_Scratch_Trainer):
-    pretrain_method = "simmim"
-
-
-class SwinUNETR_DINO_Trainer(SwinUNETR_Scratch_Trainer):
-    pretrain_method = "dino"
-
-
-class SwinUNETR_iBOT_Trainer(SwinUNETR_Scratch_Trainer):
-    pretrain_method = "ibot"
-
-
-class SwinUNETR_SMIT_Trainer(SwinUNETR_Scratch_Trainer):
-    pretrain_method = "smit"
-
-
-METHOD_TRAINERS = {cls.pretrain_method: cls for cls in SwinUNETR_Scratch_Trainer.__subclasses__()}
+# One trainer per SSL method, named by the method registry (register_method(..., trainer=NAME)).
+METHOD_TRAINERS = {method: _method_trainer(method, name) for method, name in trainer_names().items()}
+globals().update({cls.__name__: cls for cls in METHOD_TRAINERS.values()})
 
 __all__ = ["SwinUNETR_Scratch_Trainer", *(cls.__name__ for cls in METHOD_TRAINERS.values())]

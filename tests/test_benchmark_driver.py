@@ -57,7 +57,8 @@ def test_dry_run_lists_every_command_of_the_full_study(no_roots):
     jobs = _by_kind(outcome.plan.jobs)
     study = load_study()
     assert {k: len(v) for k, v in jobs.items()} == {
-        "plan": 9, "pretrain": 9, "fewshot": 9, "finetune": 9 * 10 * (3 + 1) * 5, "cka": 9 * 10 * 3, "report": 1}
+        "plan": 9, "pretrain": 9, "probe": 10, "fewshot": 9, "finetune": 9 * 10 * (3 + 1) * 5, "cka": 9 * 10 * 3,
+        "report": 1}
     assert all(j.state == NEW for j in outcome.plan.jobs)
     # every task x trainer x fold (5 many-shot + 3 sizes x 5 few-shot folds) exactly once, as the real command
     runs = {(int(j.command[1]), int(j.command[3]), j.command[5]) for j in jobs["finetune"]}
@@ -85,9 +86,16 @@ def test_dry_run_lists_every_command_of_the_full_study(no_roots):
                         r'3d_fullres:5" "\$nnUNet_results/Dataset003_Liver/SwinUNETR_SimCLR_Trainer__nnsslPlans__'
                         r'3d_fullres:0" -o "\$nnssl_results/benchmark/cka/Dataset003_Liver/SwinUNETR_SimCLR_Trainer/'
                         r'1shot_fold0_seed0"', cka.shell())
+    # every method's study encoder (random for scratch) is probed on the plan's probe task before fine-tuning
+    assert jobs["probe"][-1].shell() == ('nnssl_probe random -d 511 -o "$nnssl_results/benchmark/probe/'
+                                         'Dataset511_BTCV/scratch" -p nnsslPlans --backbone paper')
+    assert jobs["probe"][0].shell().startswith("nnssl_run=paper_d501 nnssl_probe simclr -d 511 -o ")
+    assert set(jobs["probe"][0].deps) == {"plan/Dataset511_BTCV", "pretrain/simclr"}
+    assert set(smit.after) == {j.id for j in jobs["probe"]}
     report = jobs["report"][0]
     assert report.command[:10] == ("nnssl_report", "3", "6", "7", "511", "512", "513", "514", "515", "1")
-    assert set(report.after) == {j.id for j in jobs["finetune"] + jobs["cka"]}
+    assert report.command[-2:] == ("--probe", "$nnssl_results/benchmark/probe")
+    assert set(report.after) == {j.id for j in jobs["finetune"] + jobs["cka"] + jobs["probe"]}
     assert len(outcome.plan.missing) == 10  # the corpus and the nine raw datasets, each with the command to make it
     assert "nnssl_convert AMOS-MRI <download folder>" in outcome.text
     assert outcome.text.count("nnUNetv2_train ") == 1800

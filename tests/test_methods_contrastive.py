@@ -12,7 +12,7 @@ from monai.losses import ContrastiveLoss
 from nnssl.errors import NnsslError
 from nnssl.losses.contrastive import byol_loss, infonce_loss, ntxent_loss
 from nnssl.losses.rotation import ROTATION_CLASSES, rotation_labels, rotation_loss
-from nnssl.methods.base import ViewSpec
+from nnssl.data.spec import ViewSpec
 from nnssl.methods.registry import build_method, get_method, list_methods
 from nnssl.networks import build_encoder, get_preset
 from nnssl.networks.heads import SwinSSLDecoder, update_momentum
@@ -178,6 +178,11 @@ def test_view_specs():
     assert tiny_method("simclr").view_spec() == tiny_method("byol").view_spec() == tiny_method("mocov3").view_spec()
     contrastive = tiny_method("simclr").view_spec()
     assert contrastive.global_views == 2 and contrastive.augment == "strong" and contrastive.region_factor > 1
+    # RandomResizedCrop(scale=(0.08, 1)) in 3D: a uniform fraction of the region's volume
+    assert (contrastive.global_scale, contrastive.scale_by) == ((0.08, 1.0), "volume")
+    assert tiny_method("simclr", crop_volume=[0.2, 0.5], region_factor=1.0).view_spec().global_scale == (0.2, 0.5)
+    with pytest.raises(NnsslError, match="crop_volume must lie in"):
+        tiny_method("byol", crop_volume=[0.5, 2])
     assert tiny_method("rotnet").view_spec().rotate == "any"
     assert tiny_method("rotnet", axes="axial").classifier[1].out_features == 4
     swinssl = tiny_method("swinssl").view_spec()
@@ -198,6 +203,18 @@ def test_ema_step_moves_the_target_by_one_minus_m_times_the_difference(name, mom
     update_momentum(student, target, method.momentum)  # what the loop does after an optimizer step
     for p_s, p_old, p_new in zip(student.parameters(), before, target.parameters()):
         torch.testing.assert_close(p_new - p_old, (1 - momentum) * (p_s - p_old), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["byol", "mocov3"])
+def test_target_runs_without_stochastic_depth(name):
+    # the student keeps its drop path; the EMA target has none, so two target passes on one input agree
+    torch.manual_seed(0)
+    encoder = build_encoder(get_preset("tiny"), drop_path_rate=0.5)
+    method = build_method(name, encoder, **SMALL_HEADS[name]).train()
+    view = batch_for(method.view_spec(), (32, 32, 32))["view1"]
+    with torch.no_grad():
+        assert torch.equal(method.target(view), method.target(view))
+        assert not torch.equal(method.online(view), method.online(view))
 
 
 def test_optimizer_step_leaves_the_target_alone():

@@ -28,7 +28,7 @@ IN_BATCH_NEGATIVES = {"simclr", "mocov3"}
 def test_pretraining_lowers_the_loss_and_the_encoder_fills_swinunetr(name, pretrain_corpus):
     # Paper-scale heads and hyperparameters from plans/pretrain/<name>.json; only the loop is made tiny,
     # with a learning rate a 20-step run can show progress with and no warmup.
-    _, folder = pretrain_run(name, *EXTRA.get(name, ()), "--lr", "1e-3", "--plans-override", "warmup_epochs=0",
+    _, folder = pretrain_run(name, *EXTRA.get(name, ()), "--lr", "1e-3", "--plans-override", "warmup_epochs=0", "lr_batch=null",
                              epochs=2, steps_per_epoch=STEPS // 2)
     with open(folder / "log.csv", newline="") as f:
         losses = [float(row["loss"]) for row in csv.DictReader(f)]

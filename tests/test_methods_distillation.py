@@ -11,7 +11,7 @@ from nnssl.data.views import ViewMaker, block_mask
 from nnssl.errors import NnsslError
 from nnssl.losses.distillation import (collapse_stats, dino_loss, masked_token_distillation_loss, token_mask,
                                        updated_center)
-from nnssl.methods.base import ViewSpec
+from nnssl.data.spec import ViewSpec
 from nnssl.methods.registry import build_method, method_defaults
 from nnssl.networks import build_encoder, get_preset
 from nnssl.networks.heads import update_momentum
@@ -19,7 +19,7 @@ from nnssl.networks.heads import update_momentum
 METHODS = ["dino", "ibot", "smit"]
 SMALL_HEADS = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}
 SMALL = {"dino": {**SMALL_HEADS, "local_views": 1, "local_size": 32},
-         "ibot": {**SMALL_HEADS, "patch_out_dim": 48},
+         "ibot": {**SMALL_HEADS, "patch_out_dim": 48, "local_views": 1, "local_size": 32, "pred_start_epoch": 0},
          "smit": {**SMALL_HEADS, "patch_out_dim": 48}}
 
 
@@ -152,8 +152,11 @@ def test_view_specs_follow_the_papers():
     # None: half the patch on the 32-voxel grid, 64^3 at the paper's 128^3
     assert ViewMaker(dino, (128, 128, 128), 2).local_size == (64, 64, 64)
     assert ViewMaker(dino, (64, 96, 160), 2).local_size == (32, 32, 64)
+    assert dino.augment == "multicrop"
+    # iBOT's released Swin run: 10 local crops, pred_ratio 0 / 0.3 +- 0.2 per view, DINO's augmentation
     ibot = build_method("ibot", encoder, **SMALL_HEADS).view_spec()
-    assert (ibot.global_views, ibot.local_views, ibot.mask.ratio, ibot.mask.block_size) == (2, 0, (0.1, 0.5), 16)
+    assert (ibot.global_views, ibot.local_views, ibot.augment) == (2, 10, "multicrop")
+    assert (ibot.mask.ratio, ibot.mask.p_unmasked, ibot.mask.block_size) == ((0.1, 0.5), 0.5, 16)
     smit = build_method("smit", encoder, **SMALL_HEADS).view_spec()
     assert (smit.global_views, smit.mask.ratio, smit.mask.block_size) == (2, (0.7, 0.7), 16)
     # two 96^3 views from one 128^3 region, each a plain crop (no resizing)
@@ -232,6 +235,17 @@ def test_one_step_reaches_every_student_parameter_and_never_the_teacher(name):
     frozen = list(method.frozen_parameters(0.5))
     assert len(frozen) == len(method.heads) and not list(method.frozen_parameters(1.0))
     assert method.teacher_encoder() is method.teacher["encoder"] and method.encoder is not method.teacher_encoder()
+
+
+def test_ibot_predicts_masked_tokens_from_pred_start_epoch_on():
+    torch.manual_seed(0)
+    method = build_method("ibot", build_encoder(get_preset("tiny")),
+                          **{**SMALL["ibot"], "local_views": 0, "pred_start_epoch": 50})
+    batch = hand_built_batch(method.view_spec())
+    method.on_step(49.0)  # before pred_start_epoch: the student sees its views unmasked, no patch loss
+    assert float(method.loss(batch)["patch_distill"]) == 0
+    method.on_step(50.0)
+    assert float(method.loss(batch)["patch_distill"]) > 0
 
 
 def test_dino_center_follows_the_teacher_and_ema_moves_the_teacher():

@@ -102,7 +102,7 @@ def test_short_pooled_run_writes_every_output(second_corpus):
 
 def test_loss_decreases(pretrain_corpus):
     # seeded and single-process, so the curve is reproducible; crops differ a lot, hence means over steps
-    _, run = pretrain_run("simmim", "--batch-size", "4", "--lr", "1e-3", "--plans-override", "warmup_epochs=0.25",
+    _, run = pretrain_run("simmim", "--batch-size", "4", "--lr", "1e-3", "--plans-override", "warmup_epochs=0.25", "lr_batch=null",
                           run="decrease", epochs=2, steps_per_epoch=20)
     losses = [float(r["loss"]) for r in _log_rows(run)]
     assert np.mean(losses[-20:]) < np.mean(losses[:5])
@@ -161,9 +161,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(pretrain_corpus, nnunet_en
 
 
 def test_two_process_gloo_ddp_run(pretrain_corpus, nnunet_env):
+    # base lr 1e-3 stated for a global batch of 1: 2 processes x batch 2 x accumulate 1 scale it to 4e-3
     command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "nnssl_pretrain"),
                "-m", "simmim", "-d", str(CORPUS_ID), *TINY_PRETRAIN, "--epochs", "1", "--steps-per-epoch", "4",
-               "--run-name", "ddp"]
+               "--run-name", "ddp", "--lr", "1e-3", "--plans-override", "lr_batch=1", "warmup_epochs=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace",
                             timeout=300, env=env)
@@ -173,6 +174,12 @@ def test_two_process_gloo_ddp_run(pretrain_corpus, nnunet_env):
     state = torch.load(run / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert isinstance(state["rng"], list) and len(state["rng"]) == 2  # one RNG state per rank
     assert (run / "encoder_final.pth").is_file()
+    config = json.loads((run / "config.json").read_text())
+    assert (config["lr"], config["lr_batch"], config["lr_scaled"]) == (1e-3, 1, pytest.approx(4e-3))
+    rows = _log_rows(run)
+    assert float(rows[0]["lr"]) == pytest.approx(4e-3)  # no warmup: step 1 runs at the peak
+    # the optimizer ran the logged schedule: its last step's lr is the last row's
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [pytest.approx(float(rows[-1]["lr"]))] * 2
 
 
 # -- errors a user can act on (in-process: fast) -------------------------------------------------------------

@@ -32,10 +32,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from nnssl.analysis.results import ModelFolder, parse_model_folder, trainer_method
-from nnssl.checkpoints import ENCODER_FILENAME, load_encoder_file, load_encoder_weights
+from nnssl.checkpoints import ENCODER_FILENAME, build_pretrained_encoder, load_encoder_file
 from nnssl.errors import NnsslError
 from nnssl.io import load_json
-from nnssl.networks.swin import build_encoder
 from nnssl.paths import dataset_folder, nnssl_results, nnunet_preprocessed, nnunet_results
 
 log = logging.getLogger(__name__)
@@ -203,10 +202,8 @@ def build_encoder_model(model: Model, num_channels: int) -> None:
     fine-tuning, :func:`nnssl.checkpoints.adapt_patch_embedding`)."""
     from nnssl_trainers.swinunetr import encoder_fingerprint
 
-    encoder = load_encoder_file(model.checkpoint)
-    holder = nn.Module()  # exposes the encoder as ``swinViT``, the key prefix the loader expects
-    holder.swinViT = build_encoder(encoder.preset, in_channels=num_channels)
-    load_encoder_weights(holder, encoder)
+    holder = nn.Module()  # exposes the encoder as ``swinViT``, as in a SwinUNETR
+    holder.swinViT = build_pretrained_encoder(load_encoder_file(model.checkpoint), num_channels)
     model.network = holder.eval()
     # the fingerprint fine-tuning recorded of the weights it started from (pretrained.encoder_sha256)
     model.info["encoder_sha256"] = encoder_fingerprint(holder.state_dict())

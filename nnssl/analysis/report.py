@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from nnssl.analysis import plots
+from nnssl.analysis.probe_table import MIN_METHODS, probe_tables, read_probes
 from nnssl.analysis.protocol import alignment_rows, budget_rows, protocol_sections
 from nnssl.analysis.results import (MANY_SHOT, SCRATCH, UNKNOWN, ModelFolder, dataset_modality, load_fewshot,
                                     method_family, nnssl_trainer_classes, parse_model_folder, shot_setting,
@@ -322,8 +323,10 @@ def _sorted(rows: list[dict]) -> list[dict]:
 
 
 # -- the report -------------------------------------------------------------------------------------------
-def make_report(datasets: Sequence[str] | None = None, output: str | Path = "nnssl_report") -> dict[str, Any]:
-    """Collect every nnssl SwinUNETR fold under ``$nnUNet_results`` and write the report to ``output``.
+def make_report(datasets: Sequence[str] | None = None, output: str | Path = "nnssl_report",
+                probe: str | Path | None = None) -> dict[str, Any]:
+    """Collect every nnssl SwinUNETR fold under ``$nnUNet_results`` and write the report to ``output``;
+    ``probe``: a folder with ``nnssl_probe`` results (probe.json files) for the probe Dice column.
 
     Returns the tables (lists of row dicts) by name, as written to ``<name>.csv``.
     """
@@ -341,6 +344,7 @@ def make_report(datasets: Sequence[str] | None = None, output: str | Path = "nns
         "alignment": alignment_rows(runs),
         "budget": budget_rows(runs),
     }
+    tables["probe"], tables["probe_correlation"] = probe_tables(dice_rows, read_probes(probe))
     tables["problems"] = [row for row in tables["folds"] if row["status"] != FINISHED]
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -456,6 +460,12 @@ def _markdown(runs: list[FoldRun], tables: dict[str, list[dict]], notes: list[st
           "MRI_minus_CT"]),
         ("Method families", "Means over tasks and member methods of the mean Dice and rank.", "families",
          ["family", "shot", "modality", "methods", "tasks", "dice_mean", "average_rank"]),
+        ("Probe Dice", "Linear-probe Dice of each method's encoder (`nnssl_probe`; scratch: the random encoder) "
+         "beside its fine-tuning Dice. The probe is a cheap proxy; fine-tuning is the result.", "probe",
+         ["task", "shot", "method", "probe_dice", "finetune_dice"]),
+        ("Does the probe predict fine-tuning?", "Spearman rank correlation between probe and fine-tuning Dice across "
+         f"methods, per task and shot setting (at least {MIN_METHODS} methods).", "probe_correlation",
+         ["task", "shot", "methods", "spearman_rho", "p_value"]),
         ("Missing and unfinished runs", "Every task x method x fold that another method of the task has, "
          "without a validated result.", "problems", ["task", "method", "fold", "shot", "status", "detail"]),
     ]

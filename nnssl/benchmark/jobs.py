@@ -11,6 +11,8 @@ Jobs, in the order they are listed (and started when their dependencies allow):
 - ``plan``: ``nnUNetv2_plan_and_preprocess -d ID -c 3d_fullres --verify_dataset_integrity`` per dataset;
 - ``pretrain``: ``nnssl_pretrain -m M -d 501 --backbone paper --run paper_d501`` per method (``--resume``
   when the run folder exists without ``encoder_final.pth``);
+- ``probe``: ``nnssl_probe M -d ID -o ...`` per method (``random`` for scratch) on the plan's probe task, if it
+  names one; fine-tuning starts after it, whatever its outcome;
 - ``fewshot``: ``nnssl_fewshot ID --shots ... --folds 0 1 2 3 4 --seed S`` per task and seed;
 - ``finetune``: ``nnUNetv2_train ID 3d_fullres FOLD -tr SwinUNETR_<M>_Trainer`` per task, trainer and fold
   (``--c`` when a checkpoint exists; done when ``checkpoint_final.pth`` and ``validation/summary.json``
@@ -21,7 +23,7 @@ Jobs, in the order they are listed (and started when their dependencies allow):
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -34,7 +36,7 @@ from nnssl.io import load_json
 
 NEW, RESUME, DONE = "new", "resume", "done"
 MANY_SHOT = "all"  # the --shots value of nnU-Net's folds 0-4
-KINDS = ("prepare", "plan", "pretrain", "fewshot", "finetune", "cka", "report")
+KINDS = ("prepare", "plan", "pretrain", "probe", "fewshot", "finetune", "cka", "report")
 
 
 @dataclass(frozen=True)
@@ -155,19 +157,53 @@ def plan_study(study: Study, selection: Selection, settings: Settings, state: Re
                           else _plan_job(study, task.dataset_id, task.dataset, state))
     pretrain_jobs = {m: _pretrain_job(study, m, plan.budgets[m], settings, state, corpus_job) for m in to_pretrain}
     plan.jobs += [*plan_jobs.values(), *pretrain_jobs.values()]
+    probe_jobs = _probe_jobs(study, selection, settings, state, plan_jobs, pretrain_jobs, corpus_job, plan)
     finetune_jobs: list[Job] = []
     cka_jobs: list[Job] = []
     for key in selection.tasks:
         fewshot, finetune, cka = _task_jobs(study, study.tasks[key], selection, settings, state, plan_jobs[key],
                                             pretrain_jobs)
         plan.jobs += fewshot
-        finetune_jobs += finetune
+        finetune_jobs += [replace(job, after=_ids(*probe_jobs)) if probe_jobs else job for job in finetune]
         cka_jobs += cka
     report = ("nnssl_report", *(str(study.tasks[k].dataset_id) for k in selection.tasks),
-              "-o", str(settings.output / "report"))
+              "-o", str(settings.output / "report"), *(("--probe", str(probe_root(settings))) if probe_jobs else ()))
     plan.jobs += [*finetune_jobs, *cka_jobs,
-                  Job("report", "report", report, NEW, after=_ids(*finetune_jobs, *cka_jobs))]
+                  Job("report", "report", report, NEW, after=_ids(*finetune_jobs, *cka_jobs, *probe_jobs))]
     return plan
+
+
+def probe_root(settings: Settings) -> Path:
+    """Where the study's probe jobs write: ``<output>/probe/<dataset>/<method>/probe.json``."""
+    return settings.output / "probe"
+
+
+def _probe_jobs(study: Study, selection: Selection, settings: Settings, state: ResultsState,
+                plan_jobs: dict[str, Job], pretrain_jobs: dict[str, Job], corpus_job: Job | None,
+                plan: StudyPlan) -> list[Job]:
+    """``nnssl_probe`` of each selected method's study encoder (``random`` for scratch) on the probe task."""
+    if study.probe_task is None:
+        return []
+    task = study.tasks[study.probe_task]
+    plan_job = plan_jobs.get(task.key)
+    if plan_job is None:  # the probe task is not among the selected tasks: it still has to be preprocessed
+        plan_job = (_align_job(study, task, state, corpus_job) if study.aligned
+                    else _plan_job(study, task.dataset_id, task.dataset, state))
+        plan.jobs.append(plan_job)
+    jobs = []
+    for name in selection.methods:
+        method = study.methods[name]
+        out = probe_root(settings) / task.dataset / name
+        command = ["nnssl_probe", name if method.pretrained else "random", "-d", str(task.dataset_id), "-o", str(out),
+                   *_device_flag(settings), *study.probe_args]
+        command += ["-p", study.plans_identifier] if study.plans_identifier != CORPUS_PLANS else []  # fine-tuning's
+        command += [] if method.pretrained else ["--backbone", study.backbone]
+        env = (("nnssl_run", study.corpus_run),) if method.pretrained else ()  # the study's run, not the newest
+        jobs.append(Job(f"probe/{task.dataset}/{name}", "probe", tuple(command),
+                        DONE if state.file_exists(out / "probe.json") else NEW,
+                        deps=_ids(plan_job, pretrain_jobs.get(name)), env=env, gpu=True))
+    plan.jobs += jobs
+    return jobs
 
 
 def _task_jobs(study: Study, task: TaskSpec, selection: Selection, settings: Settings, state: ResultsState,

@@ -67,6 +67,8 @@ class Study:
     finetune_env: dict[str, str] = field(default_factory=dict)  # e.g. {"nnssl_num_epochs": "5"}
     num_processes: int | None = None  # worker processes of corpus preparation and nnU-Net planning (None: theirs)
     cka_args: tuple[str, ...] = ()  # extra nnssl_cka options (e.g. --patches-per-case 32)
+    probe_task: str | None = None  # key of the task nnssl_probe judges every encoder on before fine-tuning
+    probe_args: tuple[str, ...] = ()  # extra nnssl_probe options
     pretraining: PretrainingProtocol = PretrainingProtocol("reference")  # the budget every method gets
 
     @property
@@ -133,8 +135,21 @@ def _parse(data: dict[str, Any], source: Path) -> Study:
         finetune_env={str(k): str(v) for k, v in data.get("finetune_env", {}).items()},
         num_processes=int(data["num_processes"]) if data.get("num_processes") is not None else None,
         cka_args=tuple(str(a) for a in data["cka"].get("args", [])),
+        probe_task=_probe_task(data.get("probe"), tasks, source),
+        probe_args=tuple(str(a) for a in (data.get("probe") or {}).get("args", [])),
         pretraining=parse_protocol(data.get("pretraining"), str(source)),
     )
+
+
+def _probe_task(entry: dict[str, Any] | None, tasks: dict[str, TaskSpec], source: Path) -> str | None:
+    """The key of ``"probe": {"task": ...}`` (optional), which must name one of the study's tasks."""
+    if not entry:
+        return None
+    name = str(entry["task"])
+    if name not in tasks:
+        raise NnsslError(f"{source}: probe task '{name}' is not a task of the study ({', '.join(tasks)})."
+                         f"{did_you_mean(name, list(tasks))}")
+    return name
 
 
 def _parse_task(key: str, entry: dict[str, Any], source: Path) -> TaskSpec:

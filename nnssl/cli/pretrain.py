@@ -34,13 +34,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--steps-per-epoch", type=int, help="default: one pass over the corpus")
     parser.add_argument("--batch-size", type=int, help="per GPU/process")
-    parser.add_argument("--lr", type=float, help="peak learning rate (absolute)")
+    parser.add_argument("--lr", type=float, help="base peak learning rate, stated for a global batch of lr_batch (a "
+                        "plan setting); the loop scales it linearly to GPUs x batch size x accumulate")
     parser.add_argument("--num-workers", type=int, help="data-loading worker processes per GPU/process")
     parser.add_argument("--device", choices=("cuda", "cpu"))
     parser.add_argument("--seed", type=int)
     parser.add_argument("--run", "--run-name", dest="run",
                         help="run name (default: <backbone>_d<dataset ids>); under torchrun write --run-name, "
                              "since torchrun reads --run as its own --run-path")
+    parser.add_argument("--probe", metavar="TASK",
+                        help="nnU-Net task (id or name, planned and preprocessed) on which to linear-probe the encoder "
+                             "fine-tuning will use (the teacher for DINO/iBOT) during the run, in this process: "
+                             "probe_dice (mean foreground Dice on fold 0's validation cases) goes into log.csv and "
+                             "progress.png; see nnssl_probe")
+    parser.add_argument("--probe-every", type=int, metavar="K",
+                        help="probe every K steps (and before the first and after the last). Default: as often as "
+                             "keeps probing under 10%% of the run's time (before the first step, after the last, and "
+                             "in between while the budget allows)")
     parser.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     parser.add_argument("--force-unlock", action="store_true",
                         help="take the run folder over from an owner that looks alive (run.owner.json): for when "
@@ -62,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         cli = {"configuration": args.configuration, "plans": args.plans, "backbone": args.backbone,
                "patch_size": args.patch_size, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
                "batch_size": args.batch_size, "lr": args.lr, "num_workers": args.num_workers,
-               "device": args.device, "seed": args.seed, "run": args.run}
+               "device": args.device, "seed": args.seed, "run": args.run, "probe": args.probe,
+               "probe_every": args.probe_every}
         config = resolve_config(args.method, args.datasets, cli, args.plans_override)
         try:
             result = pretrain(config, resume=args.resume, force_unlock=args.force_unlock)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from nnssl.data.views import ViewMaker
 from nnssl.errors import NnsslError
 from nnssl.io import load_json
-from nnssl.methods.base import ViewSpec
+from nnssl.data.spec import ViewSpec
 from nnssl.paths import dataset_folder, nnunet_preprocessed
 
 log = logging.getLogger(__name__)
@@ -146,5 +146,5 @@ def _seed_worker(worker_id: int) -> None:
 
 def make_loader(dataset: RegionDataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                      worker_init_fn=_seed_worker if num_workers > 0 else None,
+                      collate_fn=dataset.views.collate, worker_init_fn=_seed_worker if num_workers > 0 else None,
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)

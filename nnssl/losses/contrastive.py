@@ -1,7 +1,7 @@
 """Contrastive and regression losses on image-level embeddings (SimCLR, MoCo v3, BYOL, Swin UNETR SSL).
 
 Pure functions: tensors in, a scalar tensor out. The two contrastive losses gather their negatives
-from every process with :func:`nnssl.pretrain.distributed.gather_with_grad`, so under DDP each GPU's
+from every process with :func:`nnssl.collectives.gather_with_grad`, so under DDP each GPU's
 anchors are contrasted with the whole global batch (SimCLR, Chen et al. 2020, Sec. 2.2: the negatives are the
 other examples of the batch, aggregated over all devices); in a single process that is the local batch and
 the functions are plain maths.
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from nnssl.errors import NnsslError
 from nnssl.losses.distillation import validate_temperature
-from nnssl.pretrain.distributed import gather_with_grad, rank
+from nnssl.collectives import gather_with_grad, rank
 
 
 def check_temperature(temperature: float, method: str) -> float:

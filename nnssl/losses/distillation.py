@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from nnssl.pretrain.distributed import is_distributed, world_size
+from nnssl.collectives import is_distributed, world_size
 
 
 def validate_temperature(name: str, value: float) -> None:

@@ -2,20 +2,22 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from nnssl.errors import NnsslError
 from nnssl.losses.contrastive import byol_loss
-from nnssl.methods.base import SSLMethod, ViewSpec
+from nnssl.data.spec import ViewSpec
+from nnssl.methods.base import SSLMethod
 from nnssl.methods.registry import register_method
-from nnssl.methods.simclr import CONTRASTIVE_VIEWS
-from nnssl.networks.heads import MLPHead, PooledEncoder, frozen_copy
+from nnssl.methods.simclr import contrastive_views
+from nnssl.networks.heads import MLPHead, PooledEncoder, frozen_copy, without_drop_path
 from nnssl.networks.swin import SwinEncoder
 
 
-@register_method("byol")
+@register_method("byol", trainer="SwinUNETR_BYOL_Trainer")
 class BYOL(SSLMethod):
     """BYOL: the online network (encoder + projector) and a predictor regress the EMA target network's
     projection of the other view with ``2 - 2 cos``, symmetrised over the two views; no negatives.
@@ -32,8 +34,10 @@ class BYOL(SSLMethod):
     family = "contrastive"
     description = "BYOL: online predictor regresses an EMA target's projection of the other view (2-2cos)"
 
-    def __init__(self, encoder: SwinEncoder, hidden_dim: int = 4096, proj_dim: int = 256, momentum: float = 0.996):
+    def __init__(self, encoder: SwinEncoder, hidden_dim: int = 4096, proj_dim: int = 256, momentum: float = 0.996,
+                 crop_volume: Sequence[float] = (0.08, 1.0), region_factor: float = 1.25):
         super().__init__(encoder)
+        self.views = contrastive_views(self.name, crop_volume, region_factor)
         if not (isinstance(momentum, (int, float)) and math.isfinite(momentum) and 0 <= momentum <= 1):
             raise NnsslError(f"{self.name}: momentum must be in [0, 1] (the EMA teacher's base momentum), got "
                              f"{momentum!r}. Set \"momentum\" under \"method\" in plans/pretrain/{self.name}.json "
@@ -41,7 +45,8 @@ class BYOL(SSLMethod):
         self.momentum = float(momentum)
         projector, self.predictor = self.build_heads(encoder.out_channels[-1], hidden_dim, proj_dim)
         self.online = nn.Sequential(PooledEncoder(encoder), projector)
-        self.target = frozen_copy(self.online)  # the shared loop updates it from ema_pairs()
+        # the shared loop updates it from ema_pairs(); no stochastic depth in the target, as in both references
+        self.target = without_drop_path(frozen_copy(self.online))
 
     @staticmethod
     def build_heads(embed_dim: int, hidden_dim: int, proj_dim: int) -> tuple[nn.Module, nn.Module]:
@@ -49,7 +54,7 @@ class BYOL(SSLMethod):
         return MLPHead(embed_dim, hidden_dim, proj_dim), MLPHead(proj_dim, hidden_dim, proj_dim)
 
     def view_spec(self) -> ViewSpec:
-        return CONTRASTIVE_VIEWS
+        return self.views
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.online, self.target)]

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from nnssl.errors import NnsslError
 from nnssl.losses.distillation import (collapse_stats, dino_loss, teacher_probabilities, updated_center,
                                        validate_momentum, validate_temperature)
-from nnssl.methods.base import SSLMethod, ViewSpec
+from nnssl.data.spec import ViewSpec
+from nnssl.methods.base import SSLMethod
 from nnssl.methods.registry import register_method
 from nnssl.networks.heads import DINOHead, frozen_copy
 from nnssl.networks.swin import SwinEncoder, global_pool
@@ -33,6 +34,7 @@ class SelfDistillationMethod(SSLMethod):
     """
 
     family = "self-distillation"
+    local_views = 0  # student-only local crops (``local1 ..`` in the batch); DINO and iBOT set their number
 
     def _check_hyperparameters(self, values: dict[str, Any]) -> dict[str, Any]:
         """The constructor's hyperparameters (its ``locals()``, less ``self`` and ``encoder``), checked by name
@@ -101,6 +103,16 @@ class SelfDistillationMethod(SSLMethod):
     def _teacher_head(self, head: str, tokens: Tensor) -> Tensor:
         return self.teacher["heads"][head](tokens)
 
+    def _student_crops(self, global_pooled: Tensor, batch: dict[str, Tensor], stage: int) -> tuple[Tensor, ...]:
+        """The global head's student outputs ``(B, K)`` per crop: the two global views (``global_pooled``,
+        ``(2B, C)``), then each local crop, pooled from encoder output ``stage``. As DINO's MultiCropWrapper:
+        one encoder pass for all local crops, one head pass for all crops."""
+        pooled = [global_pooled]
+        if self.local_views:
+            local_views = torch.cat([batch[f"local{i}"] for i in range(1, self.local_views + 1)])
+            pooled.append(global_pool(self.encoder(local_views)[stage]))  # (L * B, C)
+        return self.heads["global"](torch.cat(pooled)).chunk(2 + self.local_views)
+
     def _center(self, head: str) -> Tensor:
         return getattr(self, f"center_{head}")
 
@@ -121,6 +133,16 @@ def _log_name(stat: str, head: str) -> str:
     return stat if head == "global" else stat.replace("teacher_", f"teacher_{head}_")
 
 
+def check_local_crops(method: str, local_views: int, local_size: int | None, divisor: int) -> tuple[int, tuple | None]:
+    """``local_views`` and ``local_size`` as a method keeps them (None: :func:`nnssl.data.views.default_local_size`);
+    a negative count or a size off the Swin input grid is an NnsslError naming ``method``'s plan."""
+    if local_views < 0 or (local_size is not None and (local_size <= 0 or local_size % divisor)):
+        raise NnsslError(f"{method}: local_views must be >= 0 and local_size a positive multiple of {divisor} (the "
+                         f"Swin input divisor); got {local_views} and {local_size}. Fix it in "
+                         f"plans/pretrain/{method}.json or --plans-override.")
+    return int(local_views), None if local_size is None else (int(local_size),) * 3
+
+
 def as_pair(values: Sequence[float], name: str, method: str) -> tuple[float, float]:
     """A (low, high) range from a plan value (JSON lists become tuples); a bad one is an NnsslError."""
     pair = tuple(float(v) for v in values)
@@ -130,13 +152,17 @@ def as_pair(values: Sequence[float], name: str, method: str) -> tuple[float, flo
     return pair  # type: ignore[return-value]
 
 
-@register_method("dino")
+@register_method("dino", trainer="SwinUNETR_DINO_Trainer")
 class DINO(SelfDistillationMethod):
     """DINO: the student matches the centered, sharpened output of an EMA teacher across views.
 
     Multi-crop (Sec. 3.1): two global views of the patch size (teacher and student) and ``local_views``
     small ``local_size``^3 crops (student only), all cut from one region the size of the patch; the loss is
-    the cross-entropy over pairs of different views. The image representation is the average-pooled
+    the cross-entropy over pairs of different views. Each view is augmented as DataAugmentationDINO does
+    (facebookresearch/dino main_dino.py), in 3D: flips, a colour-jitter analogue (brightness, contrast, gamma;
+    p 0.8), Gaussian blur at p 1.0 / 0.1 / 0.5 for global view 1, global view 2 and the local crops, and an
+    intensity inversion, the solarization analogue, of global view 2 at p 0.2 (``nnssl.data.augmentations``,
+    ``multicrop``). The image representation is the average-pooled
     last-stage Swin tokens (768-d for the paper backbone; Swin has no [CLS] token), and the head is
     "a 3-layer MLP with hidden dimension 2048 followed by l2 normalization and a weight normalized fully
     connected layer with K dimensions" (bottleneck 256).
@@ -162,12 +188,7 @@ class DINO(SelfDistillationMethod):
                  freeze_last_layer_epochs: float = 1):
         super().__init__(encoder)
         hp = self._check_hyperparameters(locals())
-        if local_views < 0 or (local_size is not None and (local_size <= 0 or local_size % encoder.preset.divisor)):
-            raise NnsslError(f"dino: local_views must be >= 0 and local_size a positive multiple of "
-                             f"{encoder.preset.divisor} (the Swin input divisor); got {local_views} and {local_size}. "
-                             f"Fix it in plans/pretrain/dino.json or --plans-override.")
-        self.local_views = int(local_views)
-        self.local_size = None if local_size is None else (int(local_size),) * 3
+        self.local_views, self.local_size = check_local_crops("dino", local_views, local_size, encoder.preset.divisor)
         self.global_scale = as_pair(global_scale, "global_scale", "dino")
         self.local_scale = as_pair(local_scale, "local_scale", "dino")
         head = DINOHead(encoder.out_channels[-1], out_dim, hidden_dim, bottleneck_dim)
@@ -176,16 +197,11 @@ class DINO(SelfDistillationMethod):
 
     def view_spec(self) -> ViewSpec:
         return ViewSpec(global_views=2, local_views=self.local_views, local_size=self.local_size,
-                        global_scale=self.global_scale, local_scale=self.local_scale)
+                        global_scale=self.global_scale, local_scale=self.local_scale, augment="multicrop")
 
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         global_views = torch.cat([batch["view1"], batch["view2"]])  # (2B, C, X, Y, Z)
-        # as DINO's MultiCropWrapper: one encoder pass per crop size, one head pass for all crops
-        pooled = [global_pool(self.encoder(global_views)[-1])]  # (2B, C_last)
-        if self.local_views:
-            local_views = torch.cat([batch[f"local{i}"] for i in range(1, self.local_views + 1)])
-            pooled.append(global_pool(self.encoder(local_views)[-1]))  # (L * B, C_last)
-        student = self.heads["global"](torch.cat(pooled)).chunk(2 + self.local_views)  # (B, K) per view
+        student = self._student_crops(global_pool(self.encoder(global_views)[-1]), batch, -1)  # (B, K) per view
         teacher = self._teacher_head("global", global_pool(self._teacher_features(global_views)[-1]))  # (2B, K)
         loss = dino_loss(student, teacher.chunk(2), self._center("global"), self.student_temperature,
                          self.teacher_temperatures["global"])

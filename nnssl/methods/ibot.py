@@ -8,8 +8,8 @@ from torch import Tensor, nn
 
 from nnssl.errors import NnsslError
 from nnssl.losses.distillation import dino_loss, masked_token_distillation_loss, token_mask
-from nnssl.methods.base import MaskSpec, ViewSpec
-from nnssl.methods.dino import SelfDistillationMethod, as_pair
+from nnssl.data.spec import MaskSpec, ViewSpec
+from nnssl.methods.dino import SelfDistillationMethod, as_pair, check_local_crops
 from nnssl.methods.registry import register_method
 from nnssl.networks.heads import DINOHead
 from nnssl.networks.swin import SwinEncoder, global_pool
@@ -79,18 +79,18 @@ class MaskedSelfDistillationMethod(SelfDistillationMethod):
                                               self.teacher_temperatures["patch"])
         return loss, self._update_center("patch", teacher)
 
-    def _global_distillation(self, student_features: list[Tensor],
-                             teacher_features: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """DINO's loss across the two views on the pooled tokens of ``global_stage``; returns it and the
-        global head's collapse statistics."""
-        student = self.heads["global"](global_pool(student_features[self.global_stage])).chunk(2)  # (B, K) each
+    def _global_distillation(self, student_features: list[Tensor], teacher_features: list[Tensor],
+                             batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """DINO's loss across the two global views and any local crops of ``batch``, on the pooled tokens of
+        ``global_stage``; returns it and the global head's collapse statistics."""
+        student = self._student_crops(global_pool(student_features[self.global_stage]), batch, self.global_stage)
         teacher = self._teacher_head("global", global_pool(teacher_features[self.global_stage]))  # (2B, K)
         loss = dino_loss(student, teacher.chunk(2), self._center("global"), self.student_temperature,
                          self.teacher_temperatures["global"])
         return loss, self._update_center("global", teacher)
 
 
-@register_method("ibot")
+@register_method("ibot", trainer="SwinUNETR_iBOT_Trainer")
 class IBOT(MaskedSelfDistillationMethod):
     """iBOT: DINO's loss on the global representation plus masked image modeling with an online tokenizer,
     i.e. self-distillation of the teacher's patch tokens (full view) into the student's masked patch tokens
@@ -101,17 +101,25 @@ class IBOT(MaskedSelfDistillationMethod):
     16^3 voxels for the paper backbone; the same tokens SMIT distills), and masks are cubes of exactly one
     such token, so a token is either fully masked or not. Because stage-3 and pooled stage-4 tokens differ
     in width, the patch and global heads are separate (iBOT's released runs share one head over tokens of
-    one width). Mask ratio 0.1-0.5 per view is iBOT's 0.3 +- 0.2 (Sec. 4.1, "pred_ratio_var"); the two global
-    views cover a side of 0.5-1 of the region, the square root of the released runs' area 0.25-1 (iBOT's
-    optional local crops are left out: two global views, as in SMIT, its 3D descendant).
-    Out dims 8192 and patch temperature 0.04 -> 0.07 are iBOT's defaults; weights 1 and 1 (lambda1/2).
+    one width). Out dims 8192 and patch temperature 0.04 -> 0.07 are iBOT's defaults; weights 1 and 1.
+
+    Views and masking follow the released Swin-T run (bytedance/ibot README.md, "iBOT Pre-Training with
+    Swins"; masks as loader.py ImageFolderMask): ``--pred_ratio 0 0.3 --pred_ratio_var 0 0.2`` masks each
+    global view with probability 1/2, then U(0.1, 0.5) of it (``mask_ratio``, ``p_unmasked``);
+    ``--pred_start_epoch 50``: no masking before epoch 50 (``pred_start_epoch``; the patch loss is then 0);
+    ``--local_crops_number 10`` student-only local crops (``local_views``, half the patch side by default, as
+    DINO's) in the global loss; global and local crops cover area 0.25-1 and 0.05-0.25, here as side fractions
+    of the region (their square roots: 0.5-1 and 0.22-0.5); every view gets DataAugmentationiBOT's (DINO's)
+    per-view augmentation (``multicrop``).
     """
 
     description = "iBOT: DINO loss on pooled tokens + masked patch-token self-distillation (online tokenizer)"
 
     def __init__(self, encoder: SwinEncoder, out_dim: int = 8192, patch_out_dim: int = 8192,
                  hidden_dim: int = 2048, bottleneck_dim: int = 256, patch_stage: int = 3,
-                 mask_ratio: Sequence[float] = (0.1, 0.5), global_scale: Sequence[float] = (0.5, 1.0),
+                 mask_ratio: Sequence[float] = (0.1, 0.5), p_unmasked: float = 0.5, pred_start_epoch: float = 50,
+                 local_views: int = 10, local_size: int | None = None,
+                 global_scale: Sequence[float] = (0.5, 1.0), local_scale: Sequence[float] = (0.22, 0.5),
                  momentum: float = 0.996, student_temperature: float = 0.1,
                  warmup_teacher_temperature: float = 0.04, teacher_temperature: float = 0.07,
                  warmup_teacher_patch_temperature: float = 0.04, teacher_patch_temperature: float = 0.07,
@@ -120,17 +128,32 @@ class IBOT(MaskedSelfDistillationMethod):
                  freeze_last_layer_epochs: float = 1):
         super().__init__(encoder)
         hp = self._check_hyperparameters(locals())
+        if not (0 <= p_unmasked <= 1 and pred_start_epoch >= 0):
+            raise NnsslError(f"ibot: p_unmasked must lie in [0, 1] and pred_start_epoch be >= 0; got {p_unmasked!r} "
+                             f"and {pred_start_epoch!r}. Fix it in plans/pretrain/ibot.json or --plans-override.")
         self._setup_masked_distillation(hp, global_stage=-1)
+        self.p_unmasked, self.pred_start_epoch = float(p_unmasked), float(pred_start_epoch)
+        self.predicting = self.pred_start_epoch <= 0  # masked prediction on; on_step switches it at the epoch
+        self.local_views, self.local_size = check_local_crops("ibot", local_views, local_size, encoder.preset.divisor)
         self.global_scale = as_pair(global_scale, "global_scale", "ibot")
+        self.local_scale = as_pair(local_scale, "local_scale", "ibot")
         self.global_weight, self.patch_weight = float(global_weight), float(patch_weight)
 
     def view_spec(self) -> ViewSpec:
-        return ViewSpec(global_views=2, global_scale=self.global_scale, mask=self.mask_spec())
+        return ViewSpec(global_views=2, local_views=self.local_views, local_size=self.local_size,
+                        global_scale=self.global_scale, local_scale=self.local_scale, augment="multicrop",
+                        mask=MaskSpec(self.mask_ratio, self.mask_block, p_unmasked=self.p_unmasked))
+
+    def on_step(self, epoch: float) -> dict[str, float]:
+        self.predicting = epoch >= self.pred_start_epoch
+        return super().on_step(epoch)
 
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not self.predicting:  # before pred_start_epoch the student sees its views unmasked, as iBOT's
+            batch = {**batch, **{f"mask{i}": torch.zeros_like(batch[f"mask{i}"]) for i in (1, 2)}}
         _, masks, student, teacher = self._masked_forward(batch)
         patch, patch_stats = self._patch_distillation(student, teacher, masks)
-        glob, global_stats = self._global_distillation(student, teacher)
+        glob, global_stats = self._global_distillation(student, teacher, batch)
         total = self.global_weight * glob + self.patch_weight * patch
         return {"loss": total, "global_distill": glob.detach(), "patch_distill": patch.detach(),
                 **global_stats, **patch_stats}

@@ -1,6 +1,8 @@
 """MoCo v3 (Chen, Xie & He, ICCV 2021, https://arxiv.org/abs/2104.02057) on 3D CT views."""
 from __future__ import annotations
 
+from typing import Sequence
+
 from torch import Tensor, nn
 
 from nnssl.losses.contrastive import check_temperature, infonce_loss
@@ -10,7 +12,7 @@ from nnssl.networks.heads import MLPHead
 from nnssl.networks.swin import SwinEncoder
 
 
-@register_method("mocov3")
+@register_method("mocov3", trainer="SwinUNETR_MoCoV3_Trainer")
 class MoCoV3(BYOL):
     """MoCo v3: a query encoder (encoder + projector) and predictor; a momentum key encoder (the EMA
     copy of encoder + projector, ``momentum`` 0.99 raised to 1 on a cosine schedule by the loop);
@@ -28,8 +30,9 @@ class MoCoV3(BYOL):
     description = "MoCo v3: symmetric InfoNCE (t=0.2) of queries vs. momentum-encoder keys, no queue"
 
     def __init__(self, encoder: SwinEncoder, hidden_dim: int = 4096, proj_dim: int = 256, momentum: float = 0.99,
-                 temperature: float = 0.2):
-        super().__init__(encoder, hidden_dim=hidden_dim, proj_dim=proj_dim, momentum=momentum)
+                 temperature: float = 0.2, crop_volume: Sequence[float] = (0.08, 1.0), region_factor: float = 1.25):
+        super().__init__(encoder, hidden_dim=hidden_dim, proj_dim=proj_dim, momentum=momentum,
+                         crop_volume=crop_volume, region_factor=region_factor)
         self.temperature = check_temperature(temperature, "mocov3")
 
     @staticmethod

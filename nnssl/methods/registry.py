@@ -1,4 +1,5 @@
-"""Method registry: a dict and a decorator. ``nnssl_pretrain -m NAME`` looks names up here."""
+"""Method registry: a dict and a decorator. ``nnssl_pretrain -m NAME`` looks names up here, and so do the
+fine-tuning trainers and ``nnssl_import_encoder``: each method names the nnU-Net trainer that fine-tunes it."""
 from __future__ import annotations
 
 import importlib
@@ -17,15 +18,16 @@ _NOT_METHOD_MODULES = {"base", "registry"}
 M = TypeVar("M", bound=type[SSLMethod])
 
 
-def register_method(name: str) -> Callable[[M], M]:
-    """Class decorator: ``@register_method("dino")`` makes the class available as ``-m dino``."""
+def register_method(name: str, trainer: str) -> Callable[[M], M]:
+    """Class decorator: ``@register_method("dino", trainer="SwinUNETR_DINO_Trainer")`` makes the class available
+    as ``-m dino`` and its encoders fine-tunable with ``nnUNetv2_train ... -tr SwinUNETR_DINO_Trainer``."""
 
     def decorate(cls: M) -> M:
         if cls.family not in FAMILIES:
             raise ValueError(f"{cls.__name__}.family must be one of {FAMILIES}, got {cls.family!r}")
         if name in METHODS and METHODS[name] is not cls:
             warnings.warn(f"SSL method '{name}' registered twice; {cls.__name__} replaces {METHODS[name].__name__}")
-        cls.name = name
+        cls.name, cls.trainer = name, trainer
         METHODS[name] = cls
         return cls
 
@@ -43,6 +45,11 @@ def _import_method_modules() -> None:
 def list_methods() -> list[str]:
     _import_method_modules()
     return sorted(METHODS)
+
+
+def trainer_names() -> dict[str, str]:
+    """Method -> the name of the nnU-Net trainer class that fine-tunes its encoders."""
+    return {name: METHODS[name].trainer for name in list_methods()}
 
 
 def get_method(name: str) -> type[SSLMethod]:

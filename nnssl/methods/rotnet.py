@@ -6,13 +6,14 @@ from typing import Literal
 from torch import Tensor, nn
 
 from nnssl.losses.rotation import ROTATION_CLASSES, check_rotation_axes, rotation_labels, rotation_loss
-from nnssl.methods.base import SSLMethod, ViewSpec
+from nnssl.data.spec import ViewSpec
+from nnssl.methods.base import SSLMethod
 from nnssl.methods.registry import register_method
 from nnssl.networks.heads import PooledEncoder
 from nnssl.networks.swin import SwinEncoder
 
 
-@register_method("rotnet")
+@register_method("rotnet", trainer="SwinUNETR_RotNet_Trainer")
 class RotNet(SSLMethod):
     """RotNet in 3D: each crop is turned by k x 90 degrees and a linear head on the average-pooled
     last-stage tokens classifies the rotation with cross entropy.

@@ -1,22 +1,36 @@
 """SimCLR (Chen et al. ICML 2020, https://arxiv.org/abs/2002.05709) on 3D CT views."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor, nn
 
+from nnssl.data.spec import ViewSpec
+from nnssl.errors import NnsslError
 from nnssl.losses.contrastive import check_temperature, ntxent_loss
-from nnssl.methods.base import SSLMethod, ViewSpec
+from nnssl.methods.base import SSLMethod
+from nnssl.methods.dino import as_pair
 from nnssl.methods.registry import register_method
 from nnssl.networks.heads import MLPHead, PooledEncoder
 from nnssl.networks.swin import SwinEncoder
 
-# Two strongly augmented 3D random resized crops of one region 1.25 patch sides wide, each covering 80-100%
-# of its side (zoomed to the patch size). SimCLR's 2D crops cover 8-100% of an object-centric image; a CT
-# region is not object-centric, so the views are kept overlapping (at least 60% of the side on every axis).
-CONTRASTIVE_VIEWS = ViewSpec(global_views=2, region_factor=1.25, global_scale=(0.8, 1.0), augment="strong")
+def contrastive_views(method: str, crop_volume: Sequence[float], region_factor: float) -> ViewSpec:
+    """Two strongly augmented 3D random resized crops of one region ``region_factor`` patch sides wide, each
+    covering a volume fraction of it drawn uniformly from ``crop_volume`` (zoomed to the patch size): the 3D
+    analogue of RandomResizedCrop(scale=(0.08, 1)), which SimCLR (google-research/simclr data_util.py,
+    area_range 0.08-1), BYOL and MoCo v3 (facebookresearch/moco-v3 main_moco.py) use. ``region_factor`` bounds
+    how far apart the two views can lie, i.e. their least overlap (1: both from one patch-sized region)."""
+    low, high = as_pair(crop_volume, "crop_volume", method)
+    if high > 1 or region_factor < 1:
+        raise NnsslError(f"{method}: crop_volume must lie in (0, 1] (a fraction of the region's volume) and "
+                         f"region_factor be >= 1; got {crop_volume!r} and {region_factor!r}. Fix it in "
+                         f"plans/pretrain/{method}.json or --plans-override.")
+    return ViewSpec(global_views=2, region_factor=float(region_factor), global_scale=(low, high), scale_by="volume",
+                    augment="strong")
 
 
-@register_method("simclr")
+@register_method("simclr", trainer="SwinUNETR_SimCLR_Trainer")
 class SimCLR(SSLMethod):
     """SimCLR: NT-Xent between the projections of two augmented views; all other views in the (global)
     batch are negatives (2N - 2 per anchor, gathered across GPUs under DDP).
@@ -31,13 +45,15 @@ class SimCLR(SSLMethod):
     family = "contrastive"
     description = "SimCLR: NT-Xent over two strongly augmented views, all in-batch negatives"
 
-    def __init__(self, encoder: SwinEncoder, hidden_dim: int = 2048, proj_dim: int = 128, temperature: float = 0.1):
+    def __init__(self, encoder: SwinEncoder, hidden_dim: int = 2048, proj_dim: int = 128, temperature: float = 0.1,
+                 crop_volume: Sequence[float] = (0.08, 1.0), region_factor: float = 1.25):
         super().__init__(encoder)
         self.temperature = check_temperature(temperature, "simclr")
+        self.views = contrastive_views("simclr", crop_volume, region_factor)
         self.projector = nn.Sequential(PooledEncoder(encoder), MLPHead(encoder.out_channels[-1], hidden_dim, proj_dim))
 
     def view_spec(self) -> ViewSpec:
-        return CONTRASTIVE_VIEWS
+        return self.views
 
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         # Both views in one pass, as the authors' code does: batch norm in the projector sees all 2B views.

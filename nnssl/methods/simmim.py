@@ -5,13 +5,14 @@ import torch
 from torch import Tensor, nn
 
 from nnssl.losses.reconstruction import masked_l1, upsample_mask
-from nnssl.methods.base import MaskSpec, SSLMethod, ViewSpec
+from nnssl.data.spec import MaskSpec, ViewSpec
+from nnssl.methods.base import SSLMethod
 from nnssl.methods.registry import register_method
 from nnssl.networks.heads import ReconstructionHead
 from nnssl.networks.swin import SwinEncoder
 
 
-@register_method("simmim")
+@register_method("simmim", trainer="SwinUNETR_SimMIM_Trainer")
 class SimMIM(SSLMethod):
     """Masked image modelling: block-masked patch embeddings are replaced by a learned mask token (the Swin
     encoder still sees the full token grid), a light 1x1x1-conv + 3D pixel-shuffle head predicts the voxels

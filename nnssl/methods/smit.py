@@ -7,14 +7,14 @@ from typing import Sequence
 from torch import Tensor
 
 from nnssl.losses.reconstruction import masked_l1, upsample_mask
-from nnssl.methods.base import ViewSpec
+from nnssl.data.spec import ViewSpec
 from nnssl.methods.ibot import MaskedSelfDistillationMethod
 from nnssl.methods.registry import register_method
 from nnssl.networks.heads import ReconstructionHead
 from nnssl.networks.swin import SwinEncoder
 
 
-@register_method("smit")
+@register_method("smit", trainer="SwinUNETR_SMIT_Trainer")
 class SMIT(MaskedSelfDistillationMethod):
     """SMIT: masked image reconstruction plus masked patch-token and global self-distillation, on two
     overlapping views cropped from one larger region (two 96^3 views from a 128^3 region in the lab's code).
@@ -72,7 +72,7 @@ class SMIT(MaskedSelfDistillationMethod):
         voxel_mask = upsample_mask(masks, self.encoder.preset.patch_size)  # (2B, 1, X, Y, Z)
         recon = masked_l1(self.decoder(student[-1]), views, voxel_mask)
         patch, patch_stats = self._patch_distillation(student, teacher, masks)
-        glob, global_stats = self._global_distillation(student, teacher)
+        glob, global_stats = self._global_distillation(student, teacher, batch)
         total = self.recon_weight * recon + self.patch_weight * patch + self.global_weight * glob
         return {"loss": total, "recon": recon.detach(), "patch_distill": patch.detach(),
                 "global_distill": glob.detach(), **global_stats, **patch_stats}

@@ -10,16 +10,17 @@ from torch import Tensor, nn
 from nnssl.errors import NnsslError
 from nnssl.losses.contrastive import check_temperature, ntxent_loss
 from nnssl.losses.rotation import ROTATION_CLASSES, rotation_loss
-from nnssl.methods.base import SSLMethod, ViewSpec
+from nnssl.data.spec import ViewSpec
+from nnssl.methods.base import SSLMethod
 from nnssl.methods.registry import register_method
 from nnssl.networks.heads import SwinSSLDecoder
 from nnssl.networks.swin import SwinEncoder
 
 
-@register_method("swinssl")
+@register_method("swinssl", trainer="SwinUNETR_SwinSSL_Trainer")
 class SwinSSL(SSLMethod):
     """Swin UNETR SSL: three proxy tasks on two views of one crop, each view turned by k x 90 degrees in
-    the axial plane and cut out in random boxes by the loader, summed with equal weights (the reference's
+    the axial plane and corrupted for inpainting by the loader, summed with equal weights (the reference's
     ``alpha1 = alpha2 = alpha3 = 1``):
 
     - rotation: a linear head on the first last-stage token classifies k (4 classes, cross entropy);
@@ -31,9 +32,10 @@ class SwinSSL(SSLMethod):
       L1 over all voxels.
 
     Heads, token choice and losses follow the authors' code (MONAI research-contributions,
-    ``SwinUNETR/Pretrain``: ``models/ssl_head.py``, ``losses/loss.py``, ``utils/ops.py``). The reference
-    fills its boxes with noise or with another sample's voxels; our loader fills them with a random
-    intensity. The final token grid needs at least 2 tokens, i.e. one side of the crop at least 64 voxels
+    ``SwinUNETR/Pretrain``: ``models/ssl_head.py``, ``losses/loss.py``, ``utils/ops.py``). The corruption
+    is ops.py's ``aug_rand``: per view, boxes filled with noise over U(0, 0.3) of the voxels, then boxes
+    pasted from another sample of the batch, about a quarter of the voxels in all
+    (:mod:`nnssl.data.inpainting`, applied when the loader stacks the batch). The final token grid needs at least 2 tokens, i.e. one side of the crop at least 64 voxels
     (the paper uses 96^3).
 
     Family: ``"rotation"``. Two of its three tasks are image-level, one of them the rotation prediction it

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from monai.networks.layers import DropPath
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
@@ -110,6 +111,15 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad = False
     return teacher
+
+
+def without_drop_path(module: nn.Module) -> nn.Module:
+    """``module`` with stochastic depth off (every DropPath's rate set to 0), in place. EMA targets run so in
+    BYOL and MoCo v3 (their target/momentum encoders have no drop path) while batch norm keeps its train mode."""
+    for layer in module.modules():
+        if isinstance(layer, DropPath):
+            layer.drop_prob = 0.0
+    return module
 
 
 @torch.no_grad()

@@ -13,8 +13,10 @@ from nnssl.plans import load_plan, plans_dir
 
 @dataclass
 class PretrainConfig:
-    """Loop settings shared by every method. Learning rates are absolute (for ``batch_size`` per GPU times the
-    number of GPUs and ``accumulate``); the per-method plans give the papers' values for their batch sizes."""
+    """Loop settings shared by every method. ``lr`` is the base learning rate for a global batch of ``lr_batch``;
+    the loop scales it linearly to the run's global batch (GPUs x ``batch_size`` x ``accumulate``), as the
+    references do (DINO: base_lr x batch / 256). ``lr_batch`` None: ``lr`` is absolute. The per-method plans
+    give the papers' values."""
 
     method: str
     datasets: list[str]
@@ -28,6 +30,7 @@ class PretrainConfig:
     batch_size: int = 4
     accumulate: int = 1
     lr: float = 1e-4
+    lr_batch: int | None = None  # the global batch that lr is stated for (linear scaling); None: lr is absolute
     min_lr: float = 1e-6
     warmup_epochs: float = 10.0
     weight_decay: float = 0.05
@@ -45,10 +48,18 @@ class PretrainConfig:
     log_every: int = 1
     nonfinite: str = "stop"  # stop: save nothing, exit with an error; skip: drop the step (at most max_skipped)
     max_skipped: int = 20
+    probe: str | None = None  # nnU-Net task to probe the encoder on during the run (nnssl.probe.during_pretraining)
+    probe_every: int | None = None  # steps between probes; None: as often as 10% of the training time allows
     method_params: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def scaled_lr(self, world_size: int) -> float:
+        """The peak learning rate of a run on ``world_size`` processes: ``lr x global batch / lr_batch``."""
+        if self.lr_batch is None:
+            return self.lr
+        return self.lr * world_size * self.batch_size * self.accumulate / self.lr_batch
 
 
 FIELD_NAMES = [f.name for f in fields(PretrainConfig)]
@@ -125,8 +136,15 @@ def _validate(config: PretrainConfig) -> None:
             raise NnsslError(f"Setting {key}={getattr(config, key)!r} must be a whole number >= 1.")
     if config.steps_per_epoch is not None and config.steps_per_epoch < 1:
         raise NnsslError(f"--steps-per-epoch must be >= 1, got {config.steps_per_epoch}.")
+    if config.probe_every is not None and (not isinstance(config.probe_every, int) or config.probe_every < 1):
+        raise NnsslError(f"--probe-every must be a whole number >= 1, got {config.probe_every!r}.")
+    if config.probe_every is not None and config.probe is None:
+        raise NnsslError("--probe-every needs --probe TASK (the nnU-Net task to probe on).")
     if config.lr <= 0:
         raise NnsslError(f"--lr must be > 0, got {config.lr}.")
+    if config.lr_batch is not None and (not isinstance(config.lr_batch, int) or config.lr_batch < 1):
+        raise NnsslError(f"Setting lr_batch={config.lr_batch!r} (the global batch that lr is stated for) must be a "
+                         f"whole number >= 1, or null for an absolute lr.")
     if config.num_workers < 0:
         raise NnsslError(f"--num-workers must be >= 0, got {config.num_workers}.")
     if config.patch_size is not None and (len(config.patch_size) != 3 or any(s % 32 for s in config.patch_size)):

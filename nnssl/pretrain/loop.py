@@ -34,7 +34,7 @@ from nnssl.methods.registry import build_method, get_method
 from nnssl.networks import BackbonePreset, build_encoder, get_preset
 from nnssl.networks.heads import update_momentum
 from nnssl.paths import nnssl_results
-from nnssl.pretrain import distributed
+from nnssl import collectives
 from nnssl.pretrain.config import PretrainConfig
 from nnssl.pretrain.run_folder import (FINAL, CsvLog, latest_good_checkpoint, plot_progress, reconcile_with_log,
                                        save_checkpoint)
@@ -44,7 +44,7 @@ from nnssl.schedules import warmup_cosine
 log = logging.getLogger(__name__)
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # one kernel over all parameters instead of ~10 ops per tensor
 # settings a resumed run may change; everything else would change the schedule being continued
-RESUMABLE_CHANGES = {"num_workers", "checkpoint_every", "log_every", "device", "compile", "run"}
+RESUMABLE_CHANGES = {"num_workers", "checkpoint_every", "log_every", "device", "compile", "run", "probe", "probe_every"}
 
 
 class RunInterrupted(Exception):
@@ -134,8 +134,9 @@ class Pretrainer:
         self.force_unlock = force_unlock
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.device = self._setup_device()
-        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.rank, self.world_size = collectives.rank(), collectives.world_size()
         self.main = self.rank == 0
+        self.lr = config.scaled_lr(self.world_size)  # peak lr for this run's global batch
         get_method(config.method)  # unknown method: fail before touching any folder
         self.preset: BackbonePreset = get_preset(config.backbone)
         self.patch_size = list(config.patch_size or self.preset.input_size)
@@ -146,11 +147,17 @@ class Pretrainer:
         self.folder = nnssl_results() / config.method / config.run
         self.corpus: Corpus = load_corpus(config.datasets, config.configuration, config.plans)
         self.terms: list[str] | None = None  # the logged loss entries, known after the first logged step
+        self.probe = None
+        if config.probe and self.main:
+            from nnssl.probe.during_pretraining import PretrainProbe
+
+            self.probe = PretrainProbe(config.probe, config.method, self.corpus.in_channels, config.probe_every,
+                                       config.seed, self.device)
 
     def _setup_device(self) -> torch.device:
         if self.config.device == "cuda" and not torch.cuda.is_available():
             raise NnsslError("CUDA is not available on this machine; pretrain on the CPU with --device cpu.")
-        if self.distributed and not distributed.is_distributed():
+        if self.distributed and not collectives.is_distributed():
             backend = "nccl" if self.config.device == "cuda" else "gloo"
             dist.init_process_group(backend=backend)
         if self.config.device == "cuda":
@@ -176,7 +183,7 @@ class Pretrainer:
             self.model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.method), lr=config.lr, betas=tuple(config.betas),
+        self.optimizer = torch.optim.AdamW(_param_groups(self.method), lr=self.lr, betas=tuple(config.betas),
                                            weight_decay=config.weight_decay,
                                            fused=self.device.type in FUSED_ADAMW_DEVICES)
         amp = config.amp
@@ -227,7 +234,7 @@ class Pretrainer:
         self.folder.mkdir(parents=True, exist_ok=True)
         with (RunLock(self.folder, force=self.force_unlock) if self.main else nullcontext()), _StopFlag() as stop:
             if self.main:
-                save_json(self.config.to_dict(), self.folder / "config.json")
+                save_json({**self.config.to_dict(), "lr_scaled": self.lr}, self.folder / "config.json")
             encoder_file = self.folder / "encoder_final.pth"
             if (self.folder / FINAL).is_file() and encoder_file.is_file():
                 log.info("run %s is already finished", self.folder)
@@ -259,10 +266,12 @@ class Pretrainer:
         batches = self._batches(start)
         bar = tqdm(total=self.total_steps, initial=start, desc=f"{config.method} {config.run}", disable=not self.main,
                    dynamic_ncols=True)
+        if self.probe:
+            self.probe.start(method, start)
         skipped, tick = 0, time.perf_counter()
         for step in range(start, self.total_steps):
             epoch = step / self.steps_per_epoch
-            lr = warmup_cosine(step, self.total_steps, warmup, config.lr, config.min_lr)
+            lr = warmup_cosine(step, self.total_steps, warmup, self.lr, config.min_lr)
             wd = warmup_cosine(step, self.total_steps, 0, config.weight_decay, wd_end)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -281,15 +290,21 @@ class Pretrainer:
             for student, teacher in method.ema_pairs():
                 update_momentum(student, teacher, momentum)
             done = step + 1
-            if self.main and (done % config.log_every == 0 or done == self.total_steps):
+            probed = self.probe.after_step(method, done, self.total_steps) if self.probe else None
+            tick += probed.seconds if probed else 0.0  # samples_per_s counts training only
+            if self.main and (done % config.log_every == 0 or done == self.total_steps
+                              or (probed and probed.dice is not None)):
                 now = time.perf_counter()
                 values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in outputs.items()}
                 self.terms = list(values)
                 row = {"step": done, "epoch": round(done / self.steps_per_epoch, 4), "lr": lr, "weight_decay": wd,
                        "momentum": momentum if momentum is not None else "", **values, **scheduled,
                        "samples_per_s": self.samples_per_step * config.log_every / max(now - tick, 1e-9),
-                       "time": f"{time.time():.2f}"}  # a string: log.csv writes floats with 6 digits
+                       "time": f"{time.time():.2f}",  # a string: log.csv writes floats with 6 digits
+                       **(probed.columns() if probed else {})}
                 tick = now
+                for early in self.probe.pending_rows(row) if self.probe else []:
+                    csv_log.append(early)
                 csv_log.append(row)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
             bar.update(1)
@@ -302,6 +317,8 @@ class Pretrainer:
                                      f"checkpoint saved in {self.folder}. Continue with the same command plus --resume.",
                                      stop.signal_number)
         bar.close()
+        if self.probe:
+            log.info(self.probe.report())
 
     def _accumulate(self, batches) -> dict[str, torch.Tensor]:
         accumulate = self.config.accumulate
@@ -412,5 +429,5 @@ def pretrain(config: PretrainConfig, resume: bool = False, force_unlock: bool = 
     try:
         return trainer.run()
     finally:
-        if distributed.is_distributed():
+        if collectives.is_distributed():
             dist.destroy_process_group()

@@ -100,12 +100,18 @@ def plot_progress(log: CsvLog, path: Path, title: str, terms: list[str]) -> None
     steps = [int(r["step"]) for r in rows]
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
     for term in terms:
-        ax_loss.plot(steps, [float(r[term]) for r in rows], label=term, linewidth=1.5 if term == "loss" else 1)
+        ax_loss.plot(*_series(steps, rows, term), label=term, linewidth=1.5 if term == "loss" else 1)
+    if any(r.get("probe_dice") for r in rows):  # nnssl_pretrain --probe: on its own 0-1 axis beside the loss
+        ax_probe = ax_loss.twinx()
+        ax_probe.plot(*_series(steps, rows, "probe_dice"), "o-", color="black", label="probe_dice")
+        ax_probe.set_ylabel("probe Dice")
+        ax_probe.set_ylim(0, 1)
+        ax_probe.legend(fontsize=8, loc="upper right")
     ax_loss.set_ylabel("value")
     ax_loss.set_title(title)
     ax_loss.legend(fontsize=8, ncol=2)
     ax_loss.grid(alpha=0.3)
-    ax_lr.plot(steps, [float(r["lr"]) for r in rows], color="tab:gray")
+    ax_lr.plot(*_series(steps, rows, "lr"), color="tab:gray")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
@@ -113,6 +119,12 @@ def plot_progress(log: CsvLog, path: Path, title: str, terms: list[str]) -> None
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def _series(steps: list[int], rows: list[dict[str, str]], column: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the rows where ``column`` has a value (the probe's step-0 row has no loss)."""
+    pairs = [(step, float(row[column])) for step, row in zip(steps, rows) if row.get(column)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def save_checkpoint(folder: Path, state: dict[str, Any], final: bool = False) -> None:
