@@ -59,6 +59,18 @@ class Job:
         return " ".join([f"{k}={_quote(v)}" for k, v in self.env] + [_quote(c) for c in self.command])
 
 
+RESUME_FLAGS = {"pretrain": "--resume", "finetune": "--c"}  # both start afresh when there is nothing to continue
+
+
+def resumable(job: Job) -> Job:
+    """``job`` with its continue flag (``nnssl_pretrain --resume``, ``nnUNetv2_train --c``) whatever the disk
+    holds now: a job that is requeued after a time limit or preemption continues from its last checkpoint."""
+    flag = RESUME_FLAGS.get(job.kind)
+    if flag is None or flag in job.command:
+        return job
+    return replace(job, command=(*job.command, flag))
+
+
 def _quote(arg: str) -> str:
     # "$nnUNet_results/..." (a dry run with the variable unset) stays expandable when pasted into a shell
     if arg.startswith("$") and shlex.quote(arg[1:]) == arg[1:]:
