@@ -208,8 +208,10 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
             return
         entry = load_fewshot(Path(self.preprocessed_dataset_folder_base)).get(str(self.fold))
         if entry:
+            uncovered = f"; labels none of its cases hold: {entry['uncovered_labels']}" \
+                if entry.get("uncovered_labels") else ""
             self.print_to_log_file(f"nnssl: fold {self.fold} is the {entry['shots']}-shot fold drawn from fold "
-                                   f"{entry['base_fold']} (seed {entry['seed']}, see fewshot.json)")
+                                   f"{entry['base_fold']} (seed {entry['seed']}, see fewshot.json){uncovered}")
 
     def do_split(self):
         # nnU-Net silently trains on a random 80:20 split for a fold missing from splits_final.json; for a

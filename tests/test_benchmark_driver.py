@@ -58,13 +58,16 @@ def test_dry_run_lists_every_command_of_the_full_study(no_roots):
     jobs = _by_kind(outcome.plan.jobs)
     study = load_study()
     assert {k: len(v) for k, v in jobs.items()} == {
-        "plan": 9, "pretrain": 9, "probe": 10, "fewshot": 9, "finetune": 9 * 10 * (3 + 1) * 5, "cka": 9 * 10 * 3,
+        "plan": 9, "pretrain": 9, "probe": 10, "fewshot": 9, "finetune": 9 * 11 * (3 + 1) * 5, "cka": 9 * 10 * 3,
         "report": 1}
     assert all(j.state == NEW for j in outcome.plan.jobs)
     # every task x trainer x fold (5 many-shot + 3 sizes x 5 few-shot folds) exactly once, as the real command
     runs = {(int(j.command[1]), int(j.command[3]), j.command[5]) for j in jobs["finetune"]}
-    trainers = [m.trainer for m in study.methods.values()]
+    trainers = [m.trainer for m in study.methods.values()] + ["nnUNetTrainer"]  # the plan's nnU-Net baseline
     assert runs == set(itertools.product([t.dataset_id for t in study.tasks.values()], range(20), trainers))
+    baseline = next(j for j in jobs["finetune"] if j.command[5] == "nnUNetTrainer" and j.command[3] == "7")
+    assert baseline.shell() == "nnUNetv2_train 3 3d_fullres 7 -tr nnUNetTrainer -p nnsslPlans"  # the same data
+    assert set(baseline.deps) == {"plan/Dataset003_Liver", "fewshot/Dataset003_Liver/seed0"}
     smit = next(j for j in jobs["finetune"] if j.command[:6] == ("nnUNetv2_train", "3", "3d_fullres", "7", "-tr",
                                                                    "SwinUNETR_SMIT_Trainer"))
     assert smit.shell() == "nnssl_backbone=paper nnssl_seed=0 nnssl_run=paper_d501 nnUNetv2_train 3 3d_fullres 7 -tr " \
@@ -99,7 +102,7 @@ def test_dry_run_lists_every_command_of_the_full_study(no_roots):
     assert set(report.after) == {j.id for j in jobs["finetune"] + jobs["cka"] + jobs["probe"]}
     assert len(outcome.plan.missing) == 10  # the corpus and the nine raw datasets, each with the command to make it
     assert "nnssl_convert AMOS-MRI <download folder>" in outcome.text
-    assert outcome.text.count("nnUNetv2_train ") == 1800
+    assert outcome.text.count("nnUNetv2_train ") == 1980
 
 
 def test_cli_dry_run_of_a_selection(no_roots):

@@ -190,7 +190,8 @@ def _summary(outcome: BenchmarkOutcome, study: Study, out: Path, quick: bool, mi
                   markdown_table(rows, ["task", "modality", "method", "family", "aligned", *shots, *ckas])]
     else:
         lines.append(f"No Dice table: {report / 'dice.csv'} was not written (see the failed jobs above).")
-    lines += [f"Report:  {report / 'report.md'} (tables, dice.png, convergence_*.png, gap.png, modality.png)",
+    lines += [f"Report:  {report / 'report.md'} (tables, statistics, NSD, CKA, dice.png, dice_vs_shots.png, "
+              f"overlay_*.png, convergence_*.png, gap.png, modality.png)",
               f"CKA:     {out / BENCHMARK / 'cka'}/<dataset>/<trainer>/<k>shot_fold0_seed0/cka_heatmap.png",
               f"Logs:    {out / BENCHMARK / 'logs'}/<job>.log",
               f"Models:  {out / 'nnUNet_results'} and {out / 'nnssl_results'} (nnU-Net's and nnssl's folders)"]

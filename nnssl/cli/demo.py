@@ -13,9 +13,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="nnssl_demo",
         description=f"Run the study of plans/{DEMO_PLAN} in miniature on the CPU: synthetic CT corpus, one CT and "
-                    f"one MRI task, nnU-Net planning, short pretraining of one method per pretext family (SimCLR, "
-                    f"RotNet, SimMIM, SMIT), few- and many-shot fine-tuning of SwinUNETR from scratch and from each "
-                    f"encoder with nnUNetv2_train, nnssl_cka and nnssl_report, all through nnssl_benchmark. About "
+                    f"one MRI task, nnU-Net planning, short pretraining of SMIT, few- and many-shot "
+                    f"fine-tuning of SwinUNETR from scratch and from the encoder and of the nnU-Net baseline with "
+                    f"nnUNetv2_train, nnssl_cka and nnssl_report, all through nnssl_benchmark. About "
                     f"15 minutes on 2 CPU cores; toy-scale numbers. Everything goes to OUT (nnUNet_raw, "
                     f"nnUNet_preprocessed, nnUNet_results and nnssl_results point there, whatever your shell sets); "
                     f"running it again skips finished work.",
