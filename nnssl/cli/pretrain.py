@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-device", "--device", dest="device", choices=("cuda", "cpu"),
                         help=f"where to train (default {_default('device')}; -device as in nnUNetv2_train)")
     parser.add_argument("--seed", type=int, help=f"seed of weights, views and masks (default {_default('seed')})")
+    parser.add_argument("--grad-checkpointing", action="store_true", default=None,
+                        help="activation checkpointing: recompute each Swin block in the backward pass instead of "
+                             "storing its activations (less GPU memory, more compute, same gradients)")
     parser.add_argument("--run", "--run-name", dest="run",
                         help="run name (default: <backbone>_d<dataset ids>); under torchrun write --run-name, "
                              "since torchrun reads --run as its own --run-path")
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                "patch_size": args.patch_size, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
                "batch_size": args.batch_size, "lr": args.lr, "num_workers": args.num_workers,
                "device": args.device, "seed": args.seed, "run": args.run, "logger": args.logger,
-               "probe": args.probe, "probe_every": args.probe_every}
+               "probe": args.probe, "probe_every": args.probe_every,
+               "grad_checkpointing": args.grad_checkpointing}
         config, sources = resolve_config_with_sources(args.method, args.datasets or [], cli, args.plans_override,
                                                       args.plan_file)
         if args.print_config:
