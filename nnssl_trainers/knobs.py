@@ -20,8 +20,23 @@ KNOBS: dict[str, str] = {
     "nnssl_run": "which pretraining run of the method the trainer uses",
     "nnssl_encoder": "which encoder of the pretraining run fine-tunes: student or teacher",
     "nnssl_seed": "seed of Python, NumPy, torch and the data-augmentation workers",
+    "nnssl_checkpointing": "1: activation checkpointing (recompute Swin and decoder blocks in the backward "
+                           "pass: less GPU memory, more compute, same gradients); 0: off",
 }
 FOLDER_VARIABLES = ("nnssl_results",)  # nnssl_* variables that name folders (nnssl.paths), not trainer knobs
+
+
+def env_flag(name: str) -> bool | None:
+    """The on/off switch in environment variable ``name`` (``1``/``0``, also ``true``/``false`` as nnU-Net's
+    ``nnUNet_compile``), or None when it is unset or empty."""
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if value.strip().lower() in ("1", "true", "t"):
+        return True
+    if value.strip().lower() in ("0", "false", "f"):
+        return False
+    raise NnsslError(f"Environment variable {name}={value!r} must be 1 (on) or 0 (off), e.g. {name}=1.")
 
 
 def env_positive(name: str, kind: type[int] | type[float]) -> int | float | None:

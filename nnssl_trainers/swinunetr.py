@@ -20,6 +20,8 @@ environment at the start of a training and saved in the model folder's ``plans.j
   ``finetune_encoder``, teacher for DINO and iBOT); recorded with the file's fingerprint in plans.json.
 - ``nnssl_seed``: seed of Python, NumPy, torch and the data-augmentation workers (default 0), recorded per fold in
   plans.json; the same seed gives the same checkpoint on the CPU (``nnssl_trainers.seeding``).
+- ``nnssl_checkpointing``: ``1`` recomputes the Swin and decoder blocks in the backward pass instead of
+  storing their activations (activation checkpointing: less GPU memory, same gradients); default ``0``.
 
 At the start of a fine-tuning from an encoder, the task's plans are compared with what the encoder was
 pretrained on (spacing, normalization and its numbers; ``nnssl_trainers.alignment``): both go into plans.json
@@ -60,7 +62,7 @@ from nnssl.networks.swinunetr import swin_patch_size
 from nnssl.paths import nnssl_results, nnunet_results
 from nnssl.schedules import EpochWarmupCosineLR
 from nnssl_trainers.alignment import check_alignment, describe_alignment
-from nnssl_trainers.knobs import chosen_encoder, env_positive
+from nnssl_trainers.knobs import chosen_encoder, env_flag, env_positive
 from nnssl_trainers.seeding import DEFAULT_SEED, env_seed, ordered_augmenters, seed_everything
 from nnssl_trainers.shared_files import safe_shared_json
 
@@ -156,6 +158,8 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
                                          self.num_iterations_per_epoch),
             "save_every": knob("nnssl_save_every", "save_every", self.save_every),
             "initial_lr": knob("nnssl_lr", "initial_lr", self.initial_lr_default),
+            "checkpointing": next(v for v in (env_flag("nnssl_checkpointing"), saved.get("checkpointing"), False)
+                                  if v is not None),
             "trainer": self.__class__.__name__,
             "pretrained": saved.get("pretrained"),
             "alignment": saved.get("alignment"),
@@ -246,7 +250,8 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
             )
         preset = BackbonePreset.from_dict(settings["backbone"])
         return build_swinunetr(preset, num_input_channels, num_output_channels,
-                               drop_path_rate=SwinUNETR_Scratch_Trainer.drop_path_rate)
+                               drop_path_rate=SwinUNETR_Scratch_Trainer.drop_path_rate,
+                               use_checkpoint=bool(settings.get("checkpointing", False)))
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         """SwinUNETR has a single output; nothing to switch."""

@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, help="data-loading worker processes per GPU/process")
     parser.add_argument("--device", choices=("cuda", "cpu"))
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--grad-checkpointing", action="store_true", default=None,
+                        help="activation checkpointing: recompute each Swin block in the backward pass instead of "
+                             "storing its activations (less GPU memory, more compute, same gradients)")
     parser.add_argument("--run", "--run-name", dest="run",
                         help="run name (default: <backbone>_d<dataset ids>); under torchrun write --run-name, "
                              "since torchrun reads --run as its own --run-path")
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                "patch_size": args.patch_size, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
                "batch_size": args.batch_size, "lr": args.lr, "num_workers": args.num_workers,
                "device": args.device, "seed": args.seed, "run": args.run, "probe": args.probe,
-               "probe_every": args.probe_every}
+               "probe_every": args.probe_every, "grad_checkpointing": args.grad_checkpointing}
         config = resolve_config(args.method, args.datasets, cli, args.plans_override)
         try:
             result = pretrain(config, resume=args.resume, force_unlock=args.force_unlock)

@@ -40,6 +40,7 @@ class PretrainConfig:
     drop_path_rate: float = 0.1
     amp: str = "auto"  # auto: bf16 (or fp16 + GradScaler) on CUDA, off on CPU; or bf16, fp16, off
     compile: bool = False
+    grad_checkpointing: bool = False  # recompute the Swin blocks in the backward: less memory, more compute
     channels_last: bool = False
     num_workers: int = 4
     device: str = "cuda"

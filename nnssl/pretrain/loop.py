@@ -44,7 +44,8 @@ from nnssl.schedules import warmup_cosine
 log = logging.getLogger(__name__)
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # one kernel over all parameters instead of ~10 ops per tensor
 # settings a resumed run may change; everything else would change the schedule being continued
-RESUMABLE_CHANGES = {"num_workers", "checkpoint_every", "log_every", "device", "compile", "run", "probe", "probe_every"}
+RESUMABLE_CHANGES = {"num_workers", "checkpoint_every", "log_every", "device", "compile", "run", "probe", "probe_every",
+                     "grad_checkpointing"}
 
 
 class RunInterrupted(Exception):
@@ -175,7 +176,8 @@ class Pretrainer:
     def _build(self) -> None:
         config = self.config
         _seed_everything(config.seed)  # identical initial weights on every rank
-        encoder = build_encoder(self.preset, self.corpus.in_channels, drop_path_rate=config.drop_path_rate)
+        encoder = build_encoder(self.preset, self.corpus.in_channels, drop_path_rate=config.drop_path_rate,
+                                use_checkpoint=config.grad_checkpointing)
         self.method: SSLMethod = build_method(config.method, encoder, **config.method_params).to(self.device)
         if config.channels_last and self.device.type == "cuda":
             self.method.to(memory_format=torch.channels_last_3d)
