@@ -56,7 +56,8 @@ def test_report_with_baseline_nsd_statistics_cka_and_pictures(trained_scratch, b
                          "diagonal": {"stage1": 0.9, "stage2": 0.8, "encoder1": 0.6}}]}))
     out = tmp_path / "report"
     env = {"nnUNet_results": str(results)}
-    run_cli("nnssl_report", ct_task.dataset_id, "--baselines", BASELINE, "--cka", tmp_path / "cka", "-o", out, env=env)
+    folder = f"{BASELINE}__nnUNetPlans__3d_fullres"  # the session task's own plans, not the study's
+    run_cli("nnssl_report", ct_task.dataset_id, "--baselines", folder, "--cka", tmp_path / "cka", "-o", out, env=env)
     dice = {row["method"]: row for row in read_csv(out / "dice.csv")}
     assert dice[BASELINE]["family"] == "baseline" and dice[BASELINE]["rank"] == ""  # a reference, not ranked
     assert dice["scratch"]["rank"] == "1.0"
@@ -81,7 +82,7 @@ def test_report_with_baseline_nsd_statistics_cka_and_pictures(trained_scratch, b
     (results / ct_task.dataset / baseline_folder.name / "fold_0" / "validation").mkdir()
     shutil.copy(baseline_folder / "fold_0" / "validation" / "summary.json",
                 results / ct_task.dataset / baseline_folder.name / "fold_0" / "validation")
-    run_cli("nnssl_report", ct_task.dataset_id, "--baselines", BASELINE, "-o", out, env=env)
+    run_cli("nnssl_report", ct_task.dataset_id, "--baselines", folder, "-o", out, env=env)
     dice = {row["method"]: row for row in read_csv(out / "dice.csv")}
     assert dice[BASELINE]["dice_mean"] != "" and dice[BASELINE]["nsd_mean"] == ""
     missing = read_csv(out / "nsd_missing.csv")

@@ -93,11 +93,11 @@ def case_nsd(reader: Any, prediction: Path, reference: Path, tolerances: Mapping
 
 
 def _files(case: dict, fold_dir: Path, dataset: str) -> tuple[Path, Path]:
-    """Prediction and reference of a summary entry; where the recorded paths moved, the same names in this
-    fold's ``validation/`` and the dataset's ``gt_segmentations/``."""
-    prediction, reference = Path(case["prediction_file"]), Path(case["reference_file"])
-    if not prediction.is_file():
-        prediction = fold_dir / "validation" / prediction.name
+    """Prediction and reference of a summary entry: the prediction in this fold's ``validation/`` (where
+    nnU-Net writes it; a copied or moved results folder has its own), the reference where it was recorded, else
+    in the dataset's ``gt_segmentations/``."""
+    prediction = fold_dir / "validation" / Path(case["prediction_file"]).name
+    reference = Path(case["reference_file"])
     if not reference.is_file():
         reference = nnunet_preprocessed() / dataset / "gt_segmentations" / reference.name
     return prediction, reference

@@ -20,7 +20,7 @@ def report_baselines(plan: str | Path | None, names: Sequence[str] | None) -> di
     """Model folder name -> row name of the reference trainers the report reads.
 
     ``names`` (``--baselines``): nnU-Net model folder names (``nnUNetTrainer__nnUNetPlans__3d_fullres``) or trainer
-    names (then with the plan's plans identifier and configuration), each its own row name; none: the plan's
+    names (then with the plan's plans identifier and configuration), the trainer its row name; none: the plan's
     ``baselines`` (``plans/benchmark.json`` unless ``plan`` names another).
     """
     from nnssl.benchmark.study import load_study
@@ -35,5 +35,5 @@ def report_baselines(plan: str | Path | None, names: Sequence[str] | None) -> di
             raise NnsslError(f"--baselines {name}: give a trainer (nnUNetTrainer) or an nnU-Net model folder name "
                              f"(nnUNetTrainer__nnUNetPlans__3d_fullres).")
         folder = name if len(parts) == 3 else f"{name}__{study.plans_identifier}__{study.configuration}"
-        folders[folder] = parts[0] if len(parts) == 1 else name
+        folders[folder] = parts[0]
     return folders

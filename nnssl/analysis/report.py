@@ -141,7 +141,7 @@ def collect_runs(datasets: Sequence[str] | None = None,
         folders = [parse_model_folder(p) for p in sorted(dataset_dir.iterdir())
                    if p.is_dir() and p.name.count("__") == 2]
         references = [f for f in folders if f.path.name in baselines]
-        folders = [f for f in folders if f.trainer in ours or f.nnssl_settings() is not None]
+        folders = [f for f in folders if f not in references and (f.trainer in ours or f.nnssl_settings() is not None)]
         if not folders:
             notes.append(f"{dataset_dir.name}: no nnssl SwinUNETR model folders")
             continue
