@@ -270,7 +270,7 @@ CASES = [
          "truncated", setup=_truncated_encoder),
     Case("train-imported-without-encoder", "nnUNetv2_train", [CT, "3d_fullres", "0", "-tr",
                                                                "SwinUNETR_Imported_Trainer", "-device", "cpu"],
-         "-pretrained_weights FILE, or set nnssl_encoder_file=FILE"),
+         "-pretrained_weights FILE to nnUNetv2_train, or set nnssl_encoder_file=FILE"),
     Case("report-dataset-option", "nnssl_report", ["-d", "444", "-o", "{tmp}/r"], "No dataset '444'"),
     Case("pretrain-missing-plan-file", "nnssl_pretrain", ["-m", "simmim", "-d", "501", "--plan", "{tmp}/my.json"],
          "--plan {tmp}/my.json does not exist"),
