@@ -5,8 +5,8 @@ A step is forward, loss, backward and AdamW step on one fixed batch ``(B, 1, S, 
 - ours: ``build_swinunetr(preset, 1, 2)`` / ``build_encoder(preset)`` (the fast path of
   ``nnssl/networks/fast_swin.py``) with fused AdamW (``fast_swin.adamw``); on CUDA also bf16 autocast and
   fused attention (``scaled_dot_product_attention`` with the relative position bias); environment
-  variables ``NNSSL_BENCH_COMPILE=1`` add ``torch.compile`` and ``NNSSL_BENCH_CHECKPOINT=1`` activation
-  checkpointing (both recorded in the row's config).
+  variables ``NNSSL_BENCH_COMPILE=1`` add ``torch.compile`` (inductor on CUDA, ``aot_eager`` on a CPU) and
+  ``NNSSL_BENCH_CHECKPOINT=1`` activation checkpointing (both recorded in the row's config).
 - baseline: ``monai.networks.nets.SwinUNETR`` with the preset's shape and MONAI's defaults otherwise
   (fp32, plain attention, no checkpointing) and ``torch.optim.AdamW`` with its defaults; the encoder
   baseline is that network's ``swinViT``.
@@ -21,15 +21,17 @@ alike) after one warm-up step each; ``swin_memory_<preset>_<size>``, ``swin_enco
 peak memory of two steps, each variant in a fresh process: on CPU the growth of the peak resident set
 (``VmHWM``, reset after building network, optimizer and batch), i.e. activations, gradients, optimizer
 state and temporaries; on CUDA ``torch.cuda.max_memory_allocated`` (everything, weights included).
+``swin_memory_checkpointing_<preset>_<size>``: the same peak memory of our SwinUNETR with activation
+checkpointing (``use_checkpoint``, as ``nnssl_checkpointing=1`` builds it; ours) and without (baseline).
 The quick setting (CPU, ``make bench``) runs the tiny preset at 64/96/128 (growth with patch size) and
-the paper preset at 64 (the issue's target); ``--full`` (GPU) every preset at every size.
+the paper preset at 64 (the issue's target), checkpointing at tiny 96; ``--full`` every preset at every size
+and checkpointing at paper 128 (``bench/bench_gpu.py`` runs the GPU selection).
 
 Run alone: ``python -m bench.bench_swin [--full] [--case PRESET SIZE]``.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -47,9 +49,11 @@ REPO = Path(__file__).resolve().parent.parent
 NETWORKS = {"swinunetr": "swin", "encoder": "swin_encoder"}  # network -> row name prefix
 SETTINGS = {
     False: {"batch": 1, "repeats": 5, "memory_steps": 2,
-            "cases": [("tiny", 64), ("tiny", 96), ("tiny", 128), ("paper", 64)]},
+            "cases": [("tiny", 64), ("tiny", 96), ("tiny", 128), ("paper", 64)],
+            "checkpointing_cases": [("tiny", 96)]},
     True: {"batch": 2, "repeats": 10, "memory_steps": 2,
-           "cases": [(p, s) for p in ("tiny", "monai", "paper") for s in (64, 96, 128)]},
+           "cases": [(p, s) for p in ("tiny", "monai", "paper") for s in (64, 96, 128)],
+           "checkpointing_cases": [("paper", 128)]},
 }
 LOSS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
@@ -65,6 +69,7 @@ class Case:
     device: str
     compile: bool = False
     checkpoint: bool = False
+    precision: str = "auto"  # ours: "auto" = bf16 autocast on CUDA, fp32 elsewhere; or "fp32", "bf16" anywhere
 
 
 class Stepper:
@@ -78,15 +83,18 @@ class Stepper:
         self.x = torch.randn(shape, generator=generator).to(self.device)
         self.labels = torch.randint(0, 2, (case.batch, *shape[2:]), generator=generator).to(self.device)
         self.ours = ours
-        self.dtype = torch.bfloat16 if ours and self.device.type == "cuda" else torch.float32
-        self.forward = torch.compile(model) if ours and case.compile else model
+        bf16 = case.precision == "bf16" or (case.precision == "auto" and self.device.type == "cuda")
+        self.dtype = torch.bfloat16 if ours and bf16 else torch.float32
+        # inductor generates GPU kernels; on a CPU, aot_eager traces the same graphs (forward and backward) and
+        # runs them eagerly, without the C++ toolchain and minutes of compilation inductor needs there
+        backend = "inductor" if self.device.type == "cuda" else "aot_eager"
+        self.forward = torch.compile(model, backend=backend) if ours and case.compile else model
 
     def step(self) -> float:
         """One training step; returns its loss."""
-        from nnssl.networks.fast_swin import training_autocast
-
         self.optimizer.zero_grad(set_to_none=True)
-        with training_autocast(self.device) if self.ours else contextlib.nullcontext():
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+        with autocast:
             out = self.forward(self.x)
             if self.case.network == "encoder":
                 loss = sum(o.float().square().mean() for o in out)
@@ -172,6 +180,19 @@ def _measure_here(variant: str, case: Case, steps: int) -> float:
     return _status_mb("VmHWM") - before
 
 
+def checkpointing_row(preset: str, size: int, batch: int, device: str, steps: int) -> dict:
+    """``swin_memory_checkpointing_<preset>_<size>``: peak memory of ``steps`` training steps of our SwinUNETR with
+    activation checkpointing (ours) and without (baseline), each in a fresh process."""
+    memory = {flag: peak_memory_mb(Case(preset, size, batch, "swinunetr", device, checkpoint=flag), "ours", steps)
+              for flag in (True, False)}
+    config = {"preset": preset, "size": size, "batch": batch, "device": device, "steps": steps,
+              "memory": "peak of max_memory_allocated" if device == "cuda" else
+                        "growth of peak RSS (VmHWM), fresh process",
+              "saving": round(1 - memory[True] / memory[False], 3)}
+    return {"name": f"swin_memory_checkpointing_{preset}_{size}", "ours": memory[True], "baseline": memory[False],
+            "unit": "MB", "ratio": memory[False] / memory[True], "config": config}
+
+
 def _options() -> dict[str, bool]:
     return {"compile": os.environ.get("NNSSL_BENCH_COMPILE") == "1",
             "checkpoint": os.environ.get("NNSSL_BENCH_CHECKPOINT") == "1"}
@@ -197,6 +218,9 @@ def run(full: bool, cases: list[tuple[str, int]] | None = None) -> list[dict]:
             rows.append({"name": f"{prefix}_memory_{preset}_{size}", "ours": memory["ours"],
                          "baseline": memory["baseline"], "unit": "MB", "ratio": memory["baseline"] / memory["ours"],
                          "config": config})
+    if cases is None:
+        rows += [checkpointing_row(preset, size, setting["batch"], device, setting["memory_steps"])
+                 for preset, size in setting["checkpointing_cases"]]
     return rows
 
 

@@ -1,7 +1,8 @@
 """Run nnssl's benchmarks and merge their rows into ``bench/results.json`` (``make bench``).
 
     python -m bench.run                   # every bench/bench_*.py, quick CPU sizes
-    python -m bench.run --full            # paper sizes, for a GPU machine
+    python -m bench.run --full            # the GPU benchmark (bench/bench_gpu.py); refused without CUDA
+    python -m bench.run --full --only swin  # a module's paper-size setting, on a GPU
     python -m bench.run --only swin cka   # some modules (topic names, i.e. bench_<topic>.py)
 
 Rows are merged by name: a row replaces the stored row of the same name, other stored rows stay. The
@@ -91,6 +92,15 @@ def machine() -> dict[str, Any]:
     }
 
 
+def stamp(rows: list[dict]) -> list[dict]:
+    """``rows`` with ``config["machine"]`` and ``config["measured"]`` (UTC) added: where and when they were taken."""
+    where = {"machine": machine(), "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds")}
+    for row in rows:
+        row["config"] = {**row["config"], **where}
+    return rows
+
+
 def merge(rows: list[dict], path: Path = RESULTS) -> list[dict]:
     """Write ``rows`` into the results file at ``path``, replacing stored rows of the same name."""
     stored = load_json(path) if path.is_file() else []
@@ -123,6 +133,9 @@ def markdown(rows: list[dict]) -> str:
                          f"{row['ratio']:.2f} | {row['config'].get('measured', '?')} | "
                          f"{machines[_machine_text(row)]} | {load} |")
         lines.append("")
+    from bench.bench_gpu import results_section
+
+    lines += results_section(rows)
     lines += ["## Machines", ""] + [f"- {label}: {described}" for described, label in machines.items()]
     return "\n".join(lines) + "\n"
 
@@ -151,15 +164,11 @@ def run_benchmarks(full: bool = False, only: list[str] | None = None, results: P
         print(f"== {module_name} ({'full' if full else 'quick'})", flush=True)
         start = time.perf_counter()
         try:
-            rows = check_rows(module_name, importlib.import_module(module_name).run(full))
+            rows = stamp(check_rows(module_name, importlib.import_module(module_name).run(full)))
         except Exception:  # one broken benchmark must not cost the others' figures
             traceback.print_exc()
             failed.append(topic)
             continue
-        stamp = {"machine": machine(), "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds")}
-        for row in rows:
-            row["config"] = {**row["config"], **stamp}
         save_text(markdown(merge(rows, results)), results.with_name(RESULTS_MD.name))
         print(format_table(rows), flush=True)
         print(f"({len(rows)} rows, {time.perf_counter() - start:.0f} s, merged into {results})\n", flush=True)
@@ -168,13 +177,21 @@ def run_benchmarks(full: bool = False, only: list[str] | None = None, results: P
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.run", description="Run nnssl's benchmarks (ours vs baseline).")
-    parser.add_argument("--full", action="store_true", help="paper-size settings, meant for a GPU machine")
+    parser.add_argument("--full", action="store_true",
+                        help="the GPU benchmark, bench/bench_gpu.py (with --only: those modules' paper-size settings); "
+                             "needs CUDA")
     parser.add_argument("--only", nargs="+", metavar="NAME", help=f"benchmarks to run: {', '.join(discover())}")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results file to merge into")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with exit_on_user_error("bench.run"):
-        failed = run_benchmarks(full=args.full, only=args.only, results=args.results)
+        if args.full:
+            from bench.bench_gpu import require_cuda
+
+            require_cuda("cuda")
+        # --full alone is the one GPU script; the quick CPU run skips it (it measures nothing on a CPU)
+        only = args.only or (["gpu"] if args.full else [topic for topic in discover() if topic != "gpu"])
+        failed = run_benchmarks(full=args.full, only=only, results=args.results)
     if failed:
         print(f"bench.run: failed: {', '.join(failed)} (tracebacks above)", file=sys.stderr)
         return 1

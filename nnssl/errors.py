@@ -16,8 +16,15 @@ class NnsslError(Exception):
 
 @contextmanager
 def exit_on_user_error(prog: str) -> Iterator[None]:
-    """Print an NnsslError as ``<prog>: error: <message>`` on stderr and exit with status 2."""
+    """Print an NnsslError as ``<prog>: error: <message>`` on stderr and exit with status 2.
+
+    Every command runs inside it, so it first refuses an environment where MIC-DKFZ's nnssl (same package
+    name) is installed too (:mod:`nnssl.foreign`), before anything fails for that reason in obscure ways.
+    """
+    from nnssl.foreign import check_foreign_installation
+
     try:
+        check_foreign_installation()
         yield
     except NnsslError as err:
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)

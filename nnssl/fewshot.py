@@ -2,32 +2,39 @@
 
 ``splits_final.json`` keeps nnU-Net's five many-shot folds (0-4) untouched; few-shot folds are appended
 after them. ``fewshot.json`` beside it records, for each added fold, the many-shot fold it was drawn
-from, the number of training cases (shots) and the seed::
+from, the number of training cases (shots), the seed and the foreground labels of the base fold's
+training set that the fold's cases do not hold::
 
-    {"version": 1, "folds": {"5": {"base_fold": 0, "shots": 1, "seed": 0}, ...}}
+    {"version": 2, "folds": {"5": {"base_fold": 0, "shots": 1, "seed": 0, "uncovered_labels": [4]}, ...}}
 
 Fold ids are assigned in creation order: for each shot count in the order given, for each base fold.
 A few-shot fold trains on ``shots`` cases of its base fold's training set and validates on the base
 fold's validation cases, so ``nnUNetv2_train DATASET 3d_fullres 7 -tr ...`` is a few-shot run that nnU-Net
 evaluates exactly like the many-shot fold it came from. For one base fold and seed the case sets nest:
 the 1-shot cases are among the 5-shot cases, which are among the 10-shot cases (the study compares
-few-shot with many-shot fine-tuning of the same encoders, Jiang & Veeraraghavan 2026).
+few-shot with many-shot fine-tuning of the same encoders, Jiang & Veeraraghavan 2026). Cases are chosen to
+cover the labels (:mod:`nnssl.fewshot_selection`). Version 1 files (label-blind hash order) stay valid as
+long as their folds are what version 2 draws; otherwise they are refused, never silently redrawn.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from nnssl.errors import NnsslError
+from nnssl.fewshot_selection import (CaseLabels, covering_order, preprocessed_data_folders, read_case_labels,
+                                     uncovered_labels)
 from nnssl.io import CONCURRENT_WRITE_WAIT_S, load_json, locked, save_json
-from nnssl.paths import dataset_folder, nnunet_preprocessed
+from nnssl.paths import preprocessed_dataset
+
+log = logging.getLogger(__name__)
 
 FEWSHOT_FILENAME = "fewshot.json"
-FEWSHOT_VERSION = 1
+FEWSHOT_VERSION = 2  # 1: label-blind hash order; 2: label-covering order (nnssl.fewshot_selection)
 SPLITS_FILENAME = "splits_final.json"
 NUM_MANY_SHOT_FOLDS = 5
 NNUNET_SPLIT_SEED = 12345  # nnUNetTrainer.do_split: generate_crossval_split(cases, seed=12345, n_splits=5)
@@ -39,7 +46,7 @@ def _one_writer_per_dataset(add):
 
     @functools.wraps(add)
     def add_locked(dataset: str | int, *args, **kwargs):
-        folder = dataset_folder(nnunet_preprocessed(), dataset, "nnUNet_preprocessed")
+        folder = preprocessed_dataset(dataset)
         with locked(folder / SPLITS_FILENAME):
             return add(dataset, *args, **kwargs)
 
@@ -67,15 +74,11 @@ def plan_fewshot_folds(shots: list[int], base_folds: list[int], seed: int,
     return folds
 
 
-def fewshot_cases(train_cases: Sequence[str], shots: int, base_fold: int, seed: int) -> list[str]:
-    """The ``shots`` training cases of a few-shot fold, sorted.
-
-    Cases are ranked by SHA-256 of ``"<seed>:<base_fold>:<case>"`` and the first ``shots`` are taken, so
-    for one base fold and seed a smaller set is always inside a larger one, and the choice never depends
-    on library versions or on the order of ``train_cases``.
-    """
-    ranked = sorted(train_cases, key=lambda case: hashlib.sha256(f"{seed}:{base_fold}:{case}".encode()).hexdigest())
-    return sorted(ranked[:shots])
+def fewshot_cases(train_cases: Sequence[str], shots: int, base_fold: int, seed: int,
+                  labels: CaseLabels) -> list[str]:
+    """The ``shots`` training cases of a few-shot fold, sorted: the first ``shots`` of the label-covering
+    order of ``train_cases`` (:func:`nnssl.fewshot_selection.covering_order`; ``labels``: case -> labels)."""
+    return sorted(covering_order(train_cases, labels, base_fold, seed)[:shots])
 
 
 @dataclass
@@ -89,13 +92,19 @@ class FewshotFold:
     num_train: int
     num_val: int
     added: bool
+    uncovered_labels: list = field(default_factory=list)  # foreground labels of the base fold none of its cases hold
 
 
 def load_fewshot(folder: Path) -> dict[str, dict]:
-    """The ``folds`` table of ``folder/fewshot.json`` (fold id -> base_fold, shots, seed); ``{}`` if absent."""
+    """The ``folds`` table of ``folder/fewshot.json`` (fold id -> base_fold, shots, seed, ...); ``{}`` if absent."""
+    return _load_fewshot_file(folder)[1]
+
+
+def _load_fewshot_file(folder: Path) -> tuple[int, dict[str, dict]]:
+    """(version, folds) of ``folder/fewshot.json``; ``(FEWSHOT_VERSION, {})`` if absent."""
     path = Path(folder) / FEWSHOT_FILENAME
     if not path.is_file():
-        return {}
+        return FEWSHOT_VERSION, {}
     try:
         data = load_json(path, wait_s=CONCURRENT_WRITE_WAIT_S)
     except (OSError, json.JSONDecodeError) as err:
@@ -106,11 +115,11 @@ def load_fewshot(folder: Path) -> dict[str, dict]:
         k.isdigit() and isinstance(v, dict) and all(isinstance(v.get(f), int) for f in ("base_fold", "shots", "seed"))
         for k, v in folds.items())
     if not valid:
-        raise NnsslError(f"{path} is not a few-shot table: expected {{\"version\": 1, \"folds\": {{\"5\": "
+        raise NnsslError(f"{path} is not a few-shot table: expected {{\"version\": 2, \"folds\": {{\"5\": "
                          f"{{\"base_fold\": 0, \"shots\": 1, \"seed\": 0}}, ...}}}}.")
     if data.get("version", 0) > FEWSHOT_VERSION:
         raise NnsslError(f"{path} was written by a newer nnssl (version {data['version']}); upgrade nnssl.")
-    return folds
+    return int(data.get("version", 1)), folds
 
 
 @_one_writer_per_dataset
@@ -122,9 +131,11 @@ def add_fewshot_folds(dataset: str | int, shots: Sequence[int], folds: Sequence[
     ``nnUNetTrainer.do_split`` would. For every shot count and base fold (default: the many-shot folds
     0-4) a fold is added unless ``fewshot.json`` already has it (idempotent); existing folds are never
     reordered or changed. ``fewshot.json`` is written before ``splits_final.json`` (both atomically), so an
-    interrupted call is completed by the next one.
+    interrupted call is completed by the next one. Cases are chosen to cover the foreground labels of the
+    base fold's training set (class locations of nnU-Net's preprocessed data); labels a fold's cases cannot
+    all hold are recorded as its ``uncovered_labels`` and warned about.
     """
-    folder = dataset_folder(nnunet_preprocessed(), dataset, "nnUNet_preprocessed")
+    folder = preprocessed_dataset(dataset)
     shots = list(dict.fromkeys(shots))  # repeated counts would add nothing
     bad = [n for n in shots if not isinstance(n, int) or n < 1]
     if not shots or bad:
@@ -133,20 +144,57 @@ def add_fewshot_folds(dataset: str | int, shots: Sequence[int], folds: Sequence[
         raise NnsslError(f"--seed must be 0 or positive; got {seed}.")
     splits_path = folder / SPLITS_FILENAME
     splits = load_splits(folder)
-    recorded = load_fewshot(folder)
+    version, recorded = _load_fewshot_file(folder)
     base_folds = _base_folds(folds, splits, recorded, splits_path)
     _check_shots(shots, base_folds, splits, folder.name)
-    plan = plan_fewshot_folds(shots, base_folds, seed, recorded, first_free_fold=len(splits))
-    updated = _materialize(plan, splits, splits_path)
-    if plan != recorded:
-        save_json({"version": FEWSHOT_VERSION, "folds": plan}, folder / FEWSHOT_FILENAME)
-    if updated != splits or not splits_path.is_file():
-        save_json(updated, splits_path, indent=4)
+    plan = {k: dict(v) for k, v in plan_fewshot_folds(shots, base_folds, seed, recorded, len(splits)).items()}
+    drawn_from = sorted({v["base_fold"] for v in plan.values()})
+    labels = read_case_labels(folder, sorted({c for b in drawn_from if b < len(splits) for c in splits[b]["train"]}))
+    updated = _materialize(plan, splits, splits_path, labels, version)
+    write_fold_files(folder, {"version": FEWSHOT_VERSION, "folds": plan},
+                     updated if updated != splits or not splits_path.is_file() else None,
+                     changed=plan != recorded or version != FEWSHOT_VERSION)
     wanted = {(b, n, seed) for n in shots for b in base_folds}
-    return [FewshotFold(int(k), v["base_fold"], v["shots"], v["seed"], len(updated[int(k)]["train"]),
-                        len(updated[int(k)]["val"]), added=int(k) >= len(splits))
-            for k, v in sorted(plan.items(), key=lambda item: int(item[0]))
-            if (v["base_fold"], v["shots"], v["seed"]) in wanted]
+    requested = [FewshotFold(int(k), v["base_fold"], v["shots"], v["seed"], len(updated[int(k)]["train"]),
+                             len(updated[int(k)]["val"]), added=int(k) >= len(splits),
+                             uncovered_labels=list(v["uncovered_labels"]))
+                 for k, v in sorted(plan.items(), key=lambda item: int(item[0]))
+                 if (v["base_fold"], v["shots"], v["seed"]) in wanted]
+    _warn_uncovered(requested, folder, splits, labels)
+    return requested
+
+
+def write_fold_files(folder: Path, fewshot: dict, splits: list[dict] | None, changed: bool) -> None:
+    """The one place both files are written: ``fewshot.json`` (if ``changed``) before ``splits_final.json``
+    (if given), each atomically, so an interrupted call is completed by the next one."""
+    if changed:
+        save_json(fewshot, folder / FEWSHOT_FILENAME)
+    if splits is not None:
+        save_json(splits, folder / SPLITS_FILENAME, indent=4)
+
+
+def _warn_uncovered(folds: list[FewshotFold], folder: Path, splits: list[dict], labels: CaseLabels) -> None:
+    names = _label_names(folder)
+    for fold in folds:
+        if not fold.uncovered_labels:
+            continue
+        train = splits[fold.base_fold]["train"]
+        uncovered = [tuple(label) if isinstance(label, list) else label for label in fold.uncovered_labels]
+        missing = ", ".join(f"{names.get(label, label)} (in {sum(label in labels[c] for c in train)} of "
+                            f"{len(train)} cases)" for label in uncovered)
+        log.warning("nnssl_fewshot: fold %d (%d-shot from fold %d) cannot hold every label of its base fold's "
+                    "training set: its %d case(s), chosen to cover the most labels, do not hold %s. Its Dice for "
+                    "these labels measures their absence, not pretraining (listed in %s).", fold.fold, fold.shots,
+                    fold.base_fold, fold.shots, missing, FEWSHOT_FILENAME)
+
+
+def _label_names(folder: Path) -> dict:
+    """Label value -> name from the preprocessed ``dataset.json`` (regions: the tuple); {} if unreadable."""
+    try:
+        labels = load_json(folder / "dataset.json").get("labels", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {(tuple(v) if isinstance(v, list) else v): name for name, v in labels.items()}
 
 
 def load_splits(folder: Path) -> list[dict[str, list[str]]]:
@@ -183,17 +231,7 @@ def _case_identifiers(folder: Path) -> list[str]:
     """Case ids of the preprocessed data folders the dataset's plans name (all must agree)."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-    data_folders = set()
-    for plans_file in sorted(folder.glob("*.json")):
-        try:
-            plans = load_json(plans_file)
-        except (OSError, json.JSONDecodeError):
-            continue  # not every json there is a plans file; damaged plans are nnU-Net's to report
-        configurations = plans.get("configurations", {}) if isinstance(plans, dict) else {}
-        for configuration in configurations.values():
-            identifier = configuration.get("data_identifier") if isinstance(configuration, dict) else None
-            if identifier and (folder / identifier).is_dir():
-                data_folders.add(folder / identifier)
+    data_folders = preprocessed_data_folders(folder)
     found: dict[Path, list[str]] = {}
     for data in sorted(data_folders):
         try:
@@ -236,8 +274,10 @@ def _check_shots(shots: list[int], base_folds: list[int], splits: list[dict], da
                 f"({', '.join(f'fold {b}: {c} cases' for b, c in small.items())}). Use at most {fewest} shots.")
 
 
-def _materialize(plan: dict[str, dict], splits: list[dict], splits_path: Path) -> list[dict]:
-    """``splits`` with every planned fold present: existing ones checked, missing ones appended in id order."""
+def _materialize(plan: dict[str, dict], splits: list[dict], splits_path: Path, labels: CaseLabels,
+                 version: int) -> list[dict]:
+    """``splits`` with every planned fold present: existing ones checked, missing ones appended in id order.
+    Each entry of ``plan`` gets its ``uncovered_labels``. ``version``: of the ``fewshot.json`` read."""
     updated = list(splits)
     for key in sorted(plan, key=int):
         entry, fold = plan[key], int(key)
@@ -245,9 +285,19 @@ def _materialize(plan: dict[str, dict], splits: list[dict], splits_path: Path) -
             raise NnsslError(f"{FEWSHOT_FILENAME} says fold {fold} is drawn from fold {entry['base_fold']}, which "
                              f"{splits_path} does not have. Restore both files from a backup.")
         base = splits[entry["base_fold"]]
-        expected = {"train": fewshot_cases(base["train"], entry["shots"], entry["base_fold"], entry["seed"]),
-                    "val": list(base["val"])}
+        train = fewshot_cases(base["train"], entry["shots"], entry["base_fold"], entry["seed"], labels)
+        expected = {"train": train, "val": list(base["val"])}
+        entry["uncovered_labels"] = [list(label) if isinstance(label, tuple) else label  # as JSON reads it back
+                                     for label in uncovered_labels(train, base["train"], labels)]
         if fold < len(updated):
+            if updated[fold] != expected and version < FEWSHOT_VERSION:
+                raise NnsslError(
+                    f"Fold {fold} of {splits_path} was drawn by an older nnssl ({FEWSHOT_FILENAME} version "
+                    f"{version}: cases in hash order, blind to labels); this nnssl draws few-shot folds that cover "
+                    f"the labels (version {FEWSHOT_VERSION}) and would choose other cases, so it changes nothing. "
+                    f"Keep using the old folds with the nnssl that made them, or redraw them: delete "
+                    f"{FEWSHOT_FILENAME}, keep only the first {NUM_MANY_SHOT_FOLDS} folds of {SPLITS_FILENAME}, "
+                    f"run nnssl_fewshot again and retrain the few-shot models.")
             if updated[fold] != expected:
                 raise NnsslError(
                     f"Fold {fold} of {splits_path} is not the {entry['shots']}-shot fold of base fold "

@@ -1,12 +1,22 @@
-"""Swin encoders in and out of nnssl: MONAI Swin UNETR checkpoints and the SMIT reference implementation.
+"""Swin encoders in and out of nnssl: MONAI Swin UNETR checkpoints, MONAI's tutorial and VoCo's public
+weights, and the SMIT reference implementation.
 
-Two foreign layouts are understood (``module.``, ``backbone.``, ``swinViT.`` and ``swin_vit.`` prefixes
-are removed first):
+Four foreign layouts are understood (``module.``, ``backbone.``, ``swinViT.``, ``swin_vit.`` and ``encoder.``
+prefixes are removed first):
 
 - ``monai``: MONAI ``SwinTransformer`` names, ``patch_embed.*``, ``layers{1-4}.0.blocks.{j}.*``,
   ``layers{1-4}.0.downsample.*``. Tang et al.'s ``model_swinvit.pt`` (CVPR 2022) stores them under
   ``state_dict`` with ``module.`` prefixes and the MLP as ``mlp.fc1/fc2``; current MONAI calls the MLP
   ``mlp.linear1/linear2`` and a whole ``SwinUNETR`` state dict has them under ``swinViT.``.
+- ``monai-tutorial``: the self-supervised Swin UNETR checkpoint of MONAI's tutorials
+  (``ssl_pretrained_weights.pth``, Project-MONAI/tutorials): under ``model``, ``encoder.patch_embed.*`` and
+  ``encoder.layers{1-4}.0.0.*`` (one module level more than MONAI's network), with ``encoder.mask_token``,
+  ``encoder.norm.*`` and the ``out.*`` reconstruction head, which the encoder does not use.
+- ``voco``: VoCo's released SwinUNETR weights (Wu et al. CVPR 2024, Luffy03/Large-Scale-Medical): a whole
+  MONAI ``SwinUNETR(use_v2=True)`` state dict, at the top level or under ``state_dict``. Version 2 adds a
+  residual convolution block before each Swin stage (``swinViT.layers{1-4}c.*``); nnssl's Swin is version 1
+  (the study's encoder), so those blocks are reported as dropped and the imported encoder computes
+  without them.
 - ``smit``: the SMIT reference implementation (Jiang et al., MICCAI 2022; its Swin comes from
   TransMorph): ``layers.{i}.blocks.{j}.*`` and ``layers.{i}.downsample.*`` for stage i = 0..3 (its
   pretraining Swin has no merging after the last stage), ``mlp.fc1/fc2``, learnable output norms
@@ -38,6 +48,7 @@ from nnssl.errors import NnsslError
 from nnssl.io import save_torch
 from nnssl.networks.presets import BackbonePreset, get_preset, list_presets
 from nnssl.networks.swin import SwinEncoder
+from nnssl_trainers.imported import IMPORTED
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +59,15 @@ MONAI_MERGE_ORDER = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 
 SMIT_MERGE_ORDER = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1), (1, 0, 1), (1, 1, 1))
 
 CONTAINER_KEYS = ("state_dict", "student", "model")  # where checkpoints keep their weights, in search order
-WRAPPER_PREFIXES = ("module.", "backbone.", "swinViT.", "swin_vit.")
-DEFAULT_METHOD = {"monai": "swinssl", "smit": "smit"}  # who made checkpoints of that layout
+WRAPPER_PREFIXES = ("module.", "backbone.", "swinViT.", "swin_vit.", "encoder.")
+LAYOUTS = {  # name -> how to recognise it (tensor names once wrapper prefixes are removed)
+    "monai": "MONAI SwinTransformer/SwinUNETR v1 or Tang et al.'s model_swinvit.pt: layers1.0.blocks.*",
+    "monai-tutorial": "MONAI tutorial ssl_pretrained_weights.pth: encoder.layers1.0.0.blocks.*",
+    "voco": "VoCo (Large-Scale-Medical) SwinUNETR v2: swinViT.layers1.0.blocks.* and swinViT.layers1c.*",
+    "smit": "SMIT reference implementation: layers.0.blocks.*",
+}
+# who made checkpoints of that layout; VoCo is no method of the study, so its encoders go to the imported trainer
+DEFAULT_METHOD = {"monai": "swinssl", "monai-tutorial": "swinssl", "voco": IMPORTED, "smit": "smit"}
 EXPORT_FORMAT = "nnssl-monai-swinunetr-encoder"
 USAGE = """\
 import torch
@@ -112,7 +130,7 @@ class ImportReport:
     """What :func:`import_encoder` took from a foreign checkpoint, and what it could not."""
 
     output: Path
-    layout: str  # "monai" or "smit"
+    layout: str  # a key of LAYOUTS
     container: str  # the checkpoint entry the weights came from, e.g. "state_dict" or "student"
     preset: BackbonePreset
     backbone_inferred: bool  # True: read from tensor shapes; False: given with --backbone
@@ -134,7 +152,9 @@ class ImportReport:
                          f"{', '.join(self.initialized)}")
         if self.dropped:
             lines.append(f"WARNING: dropped {len(self.dropped)} source encoder tensor(s) nnssl's Swin has no place "
-                         f"for, so the imported encoder computes differently from the source: {', '.join(self.dropped)}")
+                         f"for, so the imported encoder computes differently from the source"
+                         f"{' (the residual convolution blocks of SwinUNETR v2; nnssl uses v1)' if self.layout == 'voco' else ''}"
+                         f": {', '.join(self.dropped)}")
         if self.unexpected:
             shown = ", ".join(self.unexpected[:10]) + (" ..." if len(self.unexpected) > 10 else "")
             lines.append(f"Unused source tensors (heads, output norms, ...; {len(self.unexpected)}): {shown}")
@@ -163,7 +183,7 @@ def import_encoder(source: str | os.PathLike, output: str | os.PathLike, method:
     container, weights = _find_weights(blob, key, source)
     tensors = _strip_wrappers(weights, source)
     layout = _detect_layout(tensors, source)
-    mapped, unexpected = _from_smit(tensors) if layout == "smit" else _from_monai(tensors)
+    mapped, unexpected = _from_smit(tensors) if layout == "smit" else _from_monai(tensors, layout)
     inferred = infer_preset(mapped, source)
     preset = inferred
     if backbone is not None:
@@ -295,20 +315,29 @@ def _strip_wrappers(weights: dict[str, Any], source: Path) -> dict[str, Tensor]:
 
 
 def _detect_layout(tensors: dict[str, Tensor], source: Path) -> str:
-    smit = any(re.match(r"layers\.\d+\.", k) for k in tensors)
-    monai = any(re.match(r"layers[1-4]\.0\.", k) for k in tensors)
-    if smit == monai:
-        sample = sorted(tensors)[:5]
-        raise NnsslError(f"{source} is neither a MONAI Swin (layers1.0.blocks...) nor a SMIT Swin (layers.0.blocks...) "
-                         f"checkpoint; first keys: {sample}.")
-    return "smit" if smit else "monai"
+    def has(pattern: str) -> bool:
+        return any(re.match(pattern, k) for k in tensors)
+
+    smit, monai = has(r"layers\.\d+\."), has(r"layers[1-4]\.0\.")
+    if smit != monai:
+        if smit:
+            return "smit"
+        if has(r"layers[1-4]\.0\.0\."):
+            return "monai-tutorial"
+        return "voco" if has(r"layers[1-4]c\.") else "monai"
+    known = "; ".join(f"{name}: {description}" for name, description in LAYOUTS.items())
+    raise NnsslError(f"{source} is in no Swin checkpoint layout nnssl_import knows (first keys, wrapper prefixes "
+                     f"removed: {sorted(tensors)[:5]}). Known layouts: {known}. A checkpoint with the weights under "
+                     f"another entry: name it with --key NAME.")
 
 
 def _rename_mlp(name: str) -> str:
     return re.sub(r"\.mlp\.fc([12])\.", r".mlp.linear\1.", name)
 
 
-def _from_monai(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+def _from_monai(tensors: dict[str, Tensor], layout: str) -> tuple[dict[str, Tensor], list[str]]:
+    if layout == "monai-tutorial":  # the tutorial's encoder nests each stage one module deeper
+        tensors = {re.sub(r"^layers([1-4])\.0\.0\.", r"layers\1.0.", k): v for k, v in tensors.items()}
     return {_rename_mlp(k): v for k, v in tensors.items()}, []
 
 
@@ -332,8 +361,8 @@ def _check_method(method: str) -> str:
     from nnssl.methods.registry import trainer_names  # the methods a fine-tuning trainer exists for
     from nnssl.plans import did_you_mean
 
-    methods = sorted(trainer_names())
-    if method not in methods:
-        raise NnsslError(f"--method {method} is not an nnssl method.{did_you_mean(method, methods)} "
-                         f"Known: {', '.join(methods)}.")
+    known = sorted([*trainer_names(), IMPORTED])
+    if method not in known:
+        raise NnsslError(f"--method {method} is not an nnssl method.{did_you_mean(method, known)} "
+                         f"Known: {', '.join(known)} ({IMPORTED}: SwinUNETR_Imported_Trainer).")
     return method

@@ -39,7 +39,11 @@ def env_dir(name: str, must_exist: bool = True) -> Path:
 
 
 def nnssl_results() -> Path:
-    return env_dir("nnssl_results", must_exist=False)
+    from nnssl.foreign import check_results_layout
+
+    path = env_dir("nnssl_results", must_exist=False)
+    check_results_layout(path)
+    return path
 
 
 def nnunet_raw() -> Path:
@@ -78,6 +82,23 @@ def dataset_folder(root: Path, dataset: str | int, root_variable: str) -> Path:
     raise NnsslError(
         f"No dataset '{text}' in ${root_variable} ({root}). Present: {existing or 'none'}."
     )
+
+
+def preprocessed_dataset(dataset: str | int, configuration: str = "3d_fullres") -> Path:
+    """``$nnUNet_preprocessed/DatasetXXX_Name``; a dataset that is only in ``$nnUNet_raw`` gets an error that
+    says which nnU-Net command preprocesses it."""
+    try:
+        return dataset_folder(nnunet_preprocessed(), dataset, "nnUNet_preprocessed")
+    except NnsslError:
+        raw_root = os.environ.get("nnUNet_raw")
+        try:
+            raw = dataset_folder(Path(raw_root), dataset, "nnUNet_raw") if raw_root else None
+        except NnsslError:
+            raw = None
+        if raw is not None:
+            raise NnsslError(f"{raw.name} is in $nnUNet_raw but has not been preprocessed. Run: "
+                             f"nnUNetv2_plan_and_preprocess -d {dataset} -c {configuration}") from None
+        raise
 
 
 @contextmanager

@@ -16,14 +16,20 @@ environment at the start of a training and saved in the model folder's ``plans.j
 - ``nnssl_lr``: peak learning rate of AdamW (default 1e-4, the SwinUNETR fine-tuning setting); short
   runs such as the demo's learn more with a higher one.
 - ``nnssl_run``: which pretraining run of the method to use (default: the newest finished one).
+- ``nnssl_encoder_file``: the encoder of ``SwinUNETR_Imported_Trainer`` (or ``-pretrained_weights FILE``).
 - ``nnssl_encoder``: ``student`` or ``teacher``: which encoder of the run fine-tunes (default: the method plan's
   ``finetune_encoder``, teacher for DINO and iBOT); recorded with the file's fingerprint in plans.json.
 - ``nnssl_seed``: seed of Python, NumPy, torch and the data-augmentation workers (default 0), recorded per fold in
   plans.json; the same seed gives the same checkpoint on the CPU (``nnssl_trainers.seeding``).
+- ``nnssl_checkpointing``: ``1`` recomputes the Swin and decoder blocks in the backward pass instead of
+  storing their activations (activation checkpointing: less GPU memory, same gradients); default ``0``.
 
 At the start of a fine-tuning from an encoder, the task's plans are compared with what the encoder was
 pretrained on (spacing, normalization and its numbers; ``nnssl_trainers.alignment``): both go into plans.json
 and the log says "aligned" or warns with the numbers and the ``nnssl_align_plans`` command that aligns them.
+
+Any other ``nnssl_*`` variable (``nnssl_results`` aside) is an error at the start: a misspelt knob would
+otherwise be ignored (``nnssl_trainers/knobs.py`` lists them).
 
 On the CPU the trainers honour ``OMP_NUM_THREADS`` (nnU-Net itself takes every core), so that
 ``nnssl_benchmark --device cpu --jobs N`` can run N trainings side by side.
@@ -43,6 +49,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from nnunetv2.run import run_training as nnunet_run_training
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -58,9 +65,11 @@ from nnssl.methods.registry import trainer_names
 from nnssl.networks import BackbonePreset, ENCODER_PREFIX, build_swinunetr, get_preset
 from nnssl.networks.swinunetr import swin_patch_size
 from nnssl.paths import nnssl_results, nnunet_results
+from nnssl.provenance import provenance
 from nnssl.schedules import EpochWarmupCosineLR
 from nnssl_trainers.alignment import check_alignment, describe_alignment
-from nnssl_trainers.knobs import chosen_encoder, env_positive
+from nnssl_trainers.imported import ENCODER_FILE_ENV, IMPORTED, imported_encoder_file
+from nnssl_trainers.knobs import check_environment, chosen_encoder, env_flag, env_positive
 from nnssl_trainers.seeding import DEFAULT_SEED, env_seed, ordered_augmenters, seed_everything
 from nnssl_trainers.shared_files import safe_shared_json
 
@@ -106,6 +115,7 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         continuing = bool(plans.get("continue_training", False))
         with exit_on_user_error(PROG):
             nnunet_results()  # nnU-Net would fail later with a bare traceback
+            check_environment()
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.weight_decay = self.weight_decay_default
         self.enable_deep_supervision = False
@@ -156,8 +166,13 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
                                          self.num_iterations_per_epoch),
             "save_every": knob("nnssl_save_every", "save_every", self.save_every),
             "initial_lr": knob("nnssl_lr", "initial_lr", self.initial_lr_default),
+            "checkpointing": next(v for v in (env_flag("nnssl_checkpointing"), saved.get("checkpointing"), False)
+                                  if v is not None),
             "trainer": self.__class__.__name__,
             "pretrained": saved.get("pretrained"),
+            # per fold: the folds of one model folder may be trained on other machines or software
+            "provenance": {**(saved.get("provenance") or {}),
+                           str(self.fold): provenance(self.device, dist.get_world_size() if self.is_ddp else 1)},
             "alignment": saved.get("alignment"),
             # per fold: the folds of one model folder share this plans.json
             "seeds": {**saved.get("seeds", {}), str(self.fold): env_seed() if env_seed() is not None else
@@ -208,8 +223,10 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
             return
         entry = load_fewshot(Path(self.preprocessed_dataset_folder_base)).get(str(self.fold))
         if entry:
+            uncovered = f"; labels none of its cases hold: {entry['uncovered_labels']}" \
+                if entry.get("uncovered_labels") else ""
             self.print_to_log_file(f"nnssl: fold {self.fold} is the {entry['shots']}-shot fold drawn from fold "
-                                   f"{entry['base_fold']} (seed {entry['seed']}, see fewshot.json)")
+                                   f"{entry['base_fold']} (seed {entry['seed']}, see fewshot.json){uncovered}")
 
     def do_split(self):
         # nnU-Net silently trains on a random 80:20 split for a fold missing from splits_final.json; for a
@@ -244,7 +261,8 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
             )
         preset = BackbonePreset.from_dict(settings["backbone"])
         return build_swinunetr(preset, num_input_channels, num_output_channels,
-                               drop_path_rate=SwinUNETR_Scratch_Trainer.drop_path_rate)
+                               drop_path_rate=SwinUNETR_Scratch_Trainer.drop_path_rate,
+                               use_checkpoint=bool(settings.get("checkpointing", False)))
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         """SwinUNETR has a single output; nothing to switch."""
@@ -323,7 +341,7 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
     def _pretrained_encoder(self) -> EncoderCheckpoint:
         path = self._encoder_path()
         checkpoint = load_encoder_file(path)
-        if checkpoint.method != self.pretrain_method:
+        if self.pretrain_method != IMPORTED and checkpoint.method != self.pretrain_method:
             raise NnsslError(
                 f"{self.__class__.__name__} fine-tunes '{self.pretrain_method}' encoders, but {path} was pretrained "
                 f"with '{checkpoint.method}'. Use the trainer of that method or a '{self.pretrain_method}' checkpoint."
@@ -349,8 +367,11 @@ class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
         if self.encoder_checkpoint_path is not None:
             self._encoder_origin = "-pretrained_weights"
             return self.encoder_checkpoint_path
-        choice, self._encoder_origin = chosen_encoder(self.pretrain_method)
         previous = (self.nnssl_settings.get("pretrained") or {}).get("path")
+        if self.pretrain_method == IMPORTED:
+            self._encoder_origin = ENCODER_FILE_ENV if os.environ.get(ENCODER_FILE_ENV) else "the model's other folds"
+            return imported_encoder_file(previous)
+        choice, self._encoder_origin = chosen_encoder(self.pretrain_method)
         if (not os.environ.get(RUN_ENV) and previous and Path(previous).is_file()
                 and Path(previous).name == ENCODER_FILES[choice]):
             return Path(previous)  # the encoder the model folder's other folds started from
@@ -474,4 +495,13 @@ def _method_trainer(method: str, name: str) -> type[SwinUNETR_Scratch_Trainer]:
 METHOD_TRAINERS = {method: _method_trainer(method, name) for method, name in trainer_names().items()}
 globals().update({cls.__name__: cls for cls in METHOD_TRAINERS.values()})
 
-__all__ = ["SwinUNETR_Scratch_Trainer", *(cls.__name__ for cls in METHOD_TRAINERS.values())]
+
+class SwinUNETR_Imported_Trainer(SwinUNETR_Scratch_Trainer):
+    """Any encoder file, whatever its method: public weights converted by nnssl_import (MONAI, Tang et al.,
+    VoCo, SMIT), named by ``-pretrained_weights FILE`` or ``nnssl_encoder_file=FILE``."""
+
+    pretrain_method = IMPORTED
+
+
+__all__ = ["SwinUNETR_Scratch_Trainer", "SwinUNETR_Imported_Trainer",
+           *(cls.__name__ for cls in METHOD_TRAINERS.values())]

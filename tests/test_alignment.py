@@ -21,6 +21,7 @@ from nnssl.networks import SwinEncoder, get_preset
 TRAINER = "SwinUNETR_BYOL_Trainer"  # no other test fine-tunes BYOL on the session task
 RUN = "aligned_test"
 SHORT = {"nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "2"}
+SLOW = 1800  # seconds a training may take on a machine shared with other test runs (seconds when idle)
 
 
 def test_swin_patch_keeps_nnunets_voxel_budget():
@@ -71,7 +72,7 @@ def test_aligned_plans_train_predict_continue_and_report(ct_task, pretrain_corpu
 
     env = {**SHORT, "nnssl_run": RUN, "nnssl_encoder": "teacher"}
     result = run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "0", "-tr", TRAINER, "-p", "nnsslPlans",
-                     "-device", "cpu", env=env)
+                     "-device", "cpu", env=env, timeout=SLOW)
     model = nnunet_env.results / ct_task.dataset / f"{TRAINER}__nnsslPlans__3d_fullres"
     settings = _settings(model)
     assert "the task's plans are aligned with the encoder's pretraining" in result.stdout
@@ -82,13 +83,14 @@ def test_aligned_plans_train_predict_continue_and_report(ct_task, pretrain_corpu
     # nnU-Net's own commands work unchanged on the aligned identifier
     predictions = tmp_path / "predictions"
     run_cli("nnUNetv2_predict", "-i", ct_task.raw / "imagesTs", "-o", predictions, "-d", ct_task.dataset_id,
-            "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-p", "nnsslPlans", "-device", "cpu", "-npp", "1", "-nps", "1")
+            "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-p", "nnsslPlans", "-device", "cpu", "-npp", "1", "-nps", "1",
+            timeout=SLOW)
     assert len(list(predictions.glob("*.nii.gz"))) == 2
     run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "0", "-tr", TRAINER, "-p", "nnsslPlans",
-            "-device", "cpu", "--c", env=env)
+            "-device", "cpu", "--c", env=env, timeout=SLOW)
 
     result = run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu",
-                     env={**SHORT, "nnssl_run": RUN})
+                     env={**SHORT, "nnssl_run": RUN}, timeout=SLOW)
     warning = next(line for line in result.stdout.splitlines() if "WARNING" in line)
     assert "not aligned with the encoder's pretraining" in warning
     assert f"pretraining clip [{corpus_ct['percentile_00_5']:.4g}, {corpus_ct['percentile_99_5']:.4g}]" in warning
@@ -116,7 +118,7 @@ def test_one_seed_gives_the_same_checkpoint(ct_task, nnunet_env, tmp_path, worke
         results = tmp_path / attempt
         run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "1", "-tr", "SwinUNETR_Scratch_Trainer",
                 "-device", "cpu", env={**SHORT, "nnUNet_results": str(results), "nnUNet_n_proc_DA": workers,
-                                       "nnssl_seed": "3"})
+                                       "nnssl_seed": "3"}, timeout=SLOW)
         model = results / ct_task.dataset / "SwinUNETR_Scratch_Trainer__nnUNetPlans__3d_fullres"
         weights.append(torch.load(model / "fold_1" / "checkpoint_final.pth", weights_only=False)["network_weights"])
         assert _settings(model)["seeds"] == {"1": 3}

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from nnssl.benchmark import driver
+from nnssl.benchmark import allocation, driver
+from nnssl.benchmark.allocation import local_share, share_env
 from nnssl.benchmark.driver import check_fewshot, cpu_slots, gpu_slots, run_benchmark
 from nnssl.benchmark.executor import ALREADY_DONE, FAILED, OK, SKIPPED, format_summary, run_jobs
 from nnssl.benchmark.jobs import DONE, NEW, RESUME, DiskState, Job, Settings, plan_study, select
@@ -57,13 +58,16 @@ def test_dry_run_lists_every_command_of_the_full_study(no_roots):
     jobs = _by_kind(outcome.plan.jobs)
     study = load_study()
     assert {k: len(v) for k, v in jobs.items()} == {
-        "plan": 9, "pretrain": 9, "probe": 10, "fewshot": 9, "finetune": 9 * 10 * (3 + 1) * 5, "cka": 9 * 10 * 3,
+        "plan": 9, "pretrain": 9, "probe": 10, "fewshot": 9, "finetune": 9 * 11 * (3 + 1) * 5, "cka": 9 * 10 * 3,
         "report": 1}
     assert all(j.state == NEW for j in outcome.plan.jobs)
     # every task x trainer x fold (5 many-shot + 3 sizes x 5 few-shot folds) exactly once, as the real command
     runs = {(int(j.command[1]), int(j.command[3]), j.command[5]) for j in jobs["finetune"]}
-    trainers = [m.trainer for m in study.methods.values()]
+    trainers = [m.trainer for m in study.methods.values()] + ["nnUNetTrainer"]  # the plan's nnU-Net baseline
     assert runs == set(itertools.product([t.dataset_id for t in study.tasks.values()], range(20), trainers))
+    baseline = next(j for j in jobs["finetune"] if j.command[5] == "nnUNetTrainer" and j.command[3] == "7")
+    assert baseline.shell() == "nnUNetv2_train 3 3d_fullres 7 -tr nnUNetTrainer -p nnsslPlans"  # the same data
+    assert set(baseline.deps) == {"plan/Dataset003_Liver", "fewshot/Dataset003_Liver/seed0"}
     smit = next(j for j in jobs["finetune"] if j.command[:6] == ("nnUNetv2_train", "3", "3d_fullres", "7", "-tr",
                                                                    "SwinUNETR_SMIT_Trainer"))
     assert smit.shell() == "nnssl_backbone=paper nnssl_seed=0 nnssl_run=paper_d501 nnUNetv2_train 3 3d_fullres 7 -tr " \
@@ -98,7 +102,7 @@ def test_dry_run_lists_every_command_of_the_full_study(no_roots):
     assert set(report.after) == {j.id for j in jobs["finetune"] + jobs["cka"] + jobs["probe"]}
     assert len(outcome.plan.missing) == 10  # the corpus and the nine raw datasets, each with the command to make it
     assert "nnssl_convert AMOS-MRI <download folder>" in outcome.text
-    assert outcome.text.count("nnUNetv2_train ") == 1800
+    assert outcome.text.count("nnUNetv2_train ") == 1980
 
 
 def test_cli_dry_run_of_a_selection(no_roots):
@@ -310,15 +314,15 @@ def test_run_benchmark_writes_summary(results_tree, tmp_path, monkeypatch):
         monkeypatch.setenv(name, str(root))
     seen = {}
 
-    def fake_run_jobs(jobs, log_dir, gpu_slots, env, check):
-        seen.update(slots=gpu_slots, log_dir=log_dir, env=env)
+    def fake_run_jobs(jobs, log_dir, gpu_slots, cores_per_job, check):
+        seen.update(slots=gpu_slots, log_dir=log_dir)
         return run_jobs([Job(j.id, j.kind, ("true",), j.state, j.deps, j.after) for j in jobs], log_dir,
                         poll_seconds=0.01)
 
     monkeypatch.setattr(driver, "run_jobs", fake_run_jobs)
     outcome = run_benchmark(tasks=["CHAOS"], methods=["smit"], shots=["5", "all"], folds=[0], gpus=2,
                             output=tmp_path / "out")
-    assert outcome.ok and seen == {"slots": ["0", "1"], "log_dir": tmp_path / "out" / "logs", "env": {}}
+    assert outcome.ok and seen == {"slots": ["0", "1"], "log_dir": tmp_path / "out" / "logs"}
     summary = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))
     assert {r["id"]: r["status"] for r in summary}["finetune/Dataset515_CHAOS/SwinUNETR_SMIT_Trainer/fold_0"] == "done"
 
@@ -341,16 +345,22 @@ def test_gpu_slots_errors(monkeypatch, visible, count, message):
 
 
 def test_cpu_jobs_share_the_cores(monkeypatch, tmp_path):
-    monkeypatch.setattr(driver.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
-    assert cpu_slots(None) == ([None], {}) and cpu_slots(1) == ([None], {})
-    assert cpu_slots(2) == ([None, None], {"OMP_NUM_THREADS": "2"})
+    monkeypatch.setattr(allocation.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    assert cpu_slots(None) == [None] and cpu_slots(2) == [None, None]
+    assert [local_share(n) for n in (1, 2, 8)] == [5, 2, 1]
     with pytest.raises(NnsslError, match="--jobs must be >= 1"):
         cpu_slots(0)
     with pytest.raises(NnsslError, match="--jobs is for --device cpu"):
         run_benchmark(jobs=2, device="cuda", dry_run=True)
-    # the common environment reaches every command; a job's own variables win
+    # the common environment and the share reach every command, logged; a job's own variables (the plan's) win
     marker = tmp_path / "env.txt"
-    jobs = [Job("t", "finetune", ("sh", "-c", f'echo "$OMP_NUM_THREADS $nnssl_run" > {marker}'),
-                env=(("nnssl_run", "mine"),), gpu=True)]
-    run_jobs(jobs, tmp_path / "logs", env={"OMP_NUM_THREADS": "2", "nnssl_run": "common"}, poll_seconds=0.01)
-    assert marker.read_text(encoding="utf-8").split() == ["2", "mine"]
+    echo = f'echo "$OMP_NUM_THREADS $nnUNet_n_proc_DA $nnUNet_def_n_proc $nnssl_run" > {marker}'
+    jobs = [Job("t", "finetune", ("sh", "-c", echo), env=(("nnssl_run", "mine"),), gpu=True)]
+    run_jobs(jobs, tmp_path / "logs", env={"nnssl_run": "common"}, cores_per_job=3, poll_seconds=0.01)
+    assert marker.read_text(encoding="utf-8").split() == ["3", "2", "3", "mine"]
+    assert "(OMP_NUM_THREADS=3 nnUNet_n_proc_DA=2 nnUNet_def_n_proc=3)" in (tmp_path / "logs" / "t.log").read_text()
+    jobs = [Job("t", "finetune", ("sh", "-c", echo), env=(("nnUNet_n_proc_DA", "0"),), gpu=True)]
+    run_jobs(jobs, tmp_path / "logs", cores_per_job=1, poll_seconds=0.01)
+    assert marker.read_text(encoding="utf-8").split() == ["1", "0", "1"]
+    planning = Job("plan/x", "plan", ("true",))
+    assert share_env(planning, 1)["nnUNet_n_proc_DA"] == "1"  # nnU-Net's planner rejects 0

@@ -91,6 +91,7 @@ class PlansReader(threading.Thread):
             time.sleep(0.001)  # leave the trainings the CPU
 
 
+@pytest.mark.slow
 def test_six_folds_started_at_once_five_times(ct_task, own_preprocessed, tmp_path, monkeypatch):
     results = tmp_path / "results"
     monkeypatch.setenv("nnUNet_results", str(results))

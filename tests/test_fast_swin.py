@@ -124,7 +124,9 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert checkpointed.use_checkpoint and checkpointed.swinViT.layers1[0].blocks[0].use_checkpoint
     x = torch.randn(1, 1, 32, 32, 64)
     expected, got = _outputs_and_grads(plain, x), _outputs_and_grads(checkpointed, x)
-    _assert_same(got, expected, atol=1e-6)
+    # the backward recomputes every block with the same kernels on the same inputs: identical, bit for bit
+    # (nnssl_checkpointing=1, nnssl_pretrain --grad-checkpointing)
+    _assert_same(got, expected, atol=0)
 
 
 def test_bf16_autocast_runs_the_fast_path():

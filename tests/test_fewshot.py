@@ -1,5 +1,9 @@
-"""Issue 6 few-shot folds: nested seeded subsets appended to nnU-Net's splits_final.json, nothing else touched."""
+"""Issue 6 few-shot folds: nested seeded subsets appended to nnU-Net's splits_final.json, nothing else touched;
+issue 14: the subsets cover the labels (class locations of nnU-Net's preprocessed cases)."""
+import itertools
 import json
+import logging
+import pickle
 import shutil
 
 import pytest
@@ -8,18 +12,35 @@ import torch
 from conftest import run_cli
 from nnssl.errors import NnsslError
 from nnssl.fewshot import FEWSHOT_FILENAME, SPLITS_FILENAME, add_fewshot_folds, fewshot_cases, plan_fewshot_folds
+from nnssl.fewshot_selection import hash_order
 
 CASES = [f"case_{i:02d}" for i in range(20)]
 
 
+def write_preprocessed(folder, labels_of_case: dict[str, set[int]], num_labels: int = 4) -> None:
+    """What nnU-Net's preprocessing leaves that few-shot selection reads: a plans file naming the data folder
+    and per case a .pkl whose class_locations hold voxels (rows of coordinates) for the labels present."""
+    data = folder / "nnUNetPlans_3d_fullres"
+    data.mkdir(parents=True)
+    (folder / "nnUNetPlans.json").write_text(json.dumps(
+        {"configurations": {"3d_fullres": {"data_identifier": data.name}}}))
+    (folder / "dataset.json").write_text(json.dumps(
+        {"labels": {"background": 0, **{f"organ{k}": k for k in range(1, num_labels + 1)}}}))
+    for case, present in labels_of_case.items():
+        locations = {k: [[0, 1, 2, 3]] * 5 if k in present else [] for k in range(1, num_labels + 1)}
+        (data / f"{case}.pkl").write_bytes(pickle.dumps({"class_locations": locations}))
+
+
 @pytest.fixture
 def toy(tmp_path, monkeypatch):
-    """Dataset123_Toy with a hand-made 5-fold split of 20 cases (fold k validates on every fifth case)."""
+    """Dataset123_Toy with a hand-made 5-fold split of 20 cases (fold k validates on every fifth case), every
+    case holding labels 1 and 2."""
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
     folder = tmp_path / "Dataset123_Toy"
     folder.mkdir()
     splits = [{"train": [c for i, c in enumerate(CASES) if i % 5 != k], "val": CASES[k::5]} for k in range(5)]
     (folder / SPLITS_FILENAME).write_text(json.dumps(splits, indent=4))
+    write_preprocessed(folder, {case: {1, 2} for case in CASES})
     return folder
 
 
@@ -41,15 +62,79 @@ def test_fewshot_folds_are_nested_and_validate_like_their_base_fold(toy):
         assert len(one) == 1 and len(five) == 5 and len(ten) == 10
         assert one < five < ten < set(before[base]["train"])
         assert all(splits[5 + 5 * s + base]["val"] == before[base]["val"] for s in range(3))
-    assert read(toy, FEWSHOT_FILENAME) == {"version": 1, "folds": {
-        str(f.fold): {"base_fold": f.base_fold, "shots": f.shots, "seed": 0} for f in folds}}
+    assert read(toy, FEWSHOT_FILENAME) == {"version": 2, "folds": {
+        str(f.fold): {"base_fold": f.base_fold, "shots": f.shots, "seed": 0, "uncovered_labels": []} for f in folds}}
 
 
 def test_selection_depends_on_seed_only():
     train = CASES[:16]
-    assert fewshot_cases(train, 5, base_fold=0, seed=0) == fewshot_cases(train[::-1], 5, base_fold=0, seed=0)
-    assert fewshot_cases(train, 5, base_fold=0, seed=0) != fewshot_cases(train, 5, base_fold=0, seed=1)
-    assert fewshot_cases(train, 16, base_fold=0, seed=3) == sorted(train)
+    labels = {case: frozenset({1, 3} if i % 4 else {2}) for i, case in enumerate(train)}
+    five = fewshot_cases(train, 5, base_fold=0, seed=0, labels=labels)
+    assert five == fewshot_cases(train[::-1], 5, base_fold=0, seed=0, labels=labels)
+    assert five != fewshot_cases(train, 5, base_fold=0, seed=1, labels=labels)
+    assert fewshot_cases(train, 16, base_fold=0, seed=3, labels=labels) == sorted(train)
+
+
+# Ten cases; labels 1 and 2 everywhere, 3 in cases 2 and 7 only, 4 in cases 4 and 9 only (2 of 10 each)
+RARE = {f"rare_{i}": {1, 2} | ({3} if i in (2, 7) else set()) | ({4} if i in (4, 9) else set()) for i in range(10)}
+
+
+def coverable(train: list[str], shots: int) -> set[int]:
+    """The most labels any ``shots`` training cases hold together (brute force over all subsets)."""
+    return max((set().union(*(RARE[c] for c in subset)) for subset in itertools.combinations(train, shots)), key=len)
+
+
+def test_rare_labels_are_covered_where_two_cases_can_hold_them(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    folder = tmp_path / "Dataset124_Rare"
+    folder.mkdir()
+    cases = sorted(RARE)
+    splits = [{"train": [c for i, c in enumerate(cases) if i % 5 != k], "val": cases[k::5]} for k in range(5)]
+    (folder / SPLITS_FILENAME).write_text(json.dumps(splits))
+    write_preprocessed(folder, RARE)
+    with caplog.at_level(logging.WARNING):
+        folds = add_fewshot_folds(124, shots=[1, 2], seed=0)
+    written, recorded = read(folder), read(folder, FEWSHOT_FILENAME)["folds"]
+    hash_misses = 0
+    for fold in (f for f in folds if f.shots == 2):
+        train = splits[fold.base_fold]["train"]
+        chosen = set().union(*(RARE[c] for c in written[fold.fold]["train"]))
+        assert chosen == coverable(train, 2) == set().union(*(RARE[c] for c in train))
+        assert recorded[str(fold.fold)]["uncovered_labels"] == []
+        old = set().union(*(RARE[c] for c in sorted(hash_order(train, fold.base_fold, 0)[:2])))
+        hash_misses += old != chosen
+    assert hash_misses >= 3  # the label-blind order of version 1 misses a rare label in most folds
+    # one case cannot hold both rare labels: the 1-shot folds record and warn about the one left out
+    for fold in (f for f in folds if f.shots == 1):
+        present = set().union(*(RARE[c] for c in splits[fold.base_fold]["train"]))
+        missing = sorted(present - RARE[written[fold.fold]["train"][0]])
+        assert len(missing) == len(present & {3, 4}) - 1 and fold.uncovered_labels == missing
+        assert recorded[str(fold.fold)]["uncovered_labels"] == missing
+        warned = f"fold {fold.fold} (1-shot from fold {fold.base_fold}) cannot hold every label" in caplog.text
+        assert warned == bool(missing)
+    assert "organ3 (in 2 of 8 cases)" in caplog.text or "organ4 (in 2 of 8 cases)" in caplog.text
+
+
+def test_old_label_blind_folds_are_refused_not_redrawn(tmp_path, monkeypatch):
+    """A version-1 fewshot.json whose folds differ from what label-covering selection draws is an error."""
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    folder = tmp_path / "Dataset124_Rare"
+    folder.mkdir()
+    cases = sorted(RARE)
+    splits = [{"train": [c for i, c in enumerate(cases) if i % 5 != k], "val": cases[k::5]} for k in range(5)]
+    splits += [{"train": sorted(hash_order(splits[b]["train"], b, 0)[:2]), "val": splits[b]["val"]} for b in range(5)]
+    (folder / SPLITS_FILENAME).write_text(json.dumps(splits))
+    (folder / FEWSHOT_FILENAME).write_text(json.dumps({"version": 1, "folds": {
+        str(5 + b): {"base_fold": b, "shots": 2, "seed": 0} for b in range(5)}}))
+    write_preprocessed(folder, RARE)
+    def files():  # the lock file the call takes is no change of the few-shot files
+        return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.name.endswith(".lock")}
+
+    before = files()
+    with pytest.raises(NnsslError, match=r"drawn by an older nnssl \(fewshot.json version 1: cases in hash order.*"
+                                         r"delete fewshot.json, keep only the first 5 folds"):
+        add_fewshot_folds(124, shots=[2], seed=0)
+    assert files() == before
 
 
 def test_running_again_changes_nothing_and_new_shots_are_appended(toy):
@@ -73,6 +158,13 @@ def test_interrupted_call_is_completed_by_the_next(toy):
     assert read(toy) == complete
 
 
+def test_folds_need_nnunets_class_locations(toy):
+    shutil.rmtree(toy / "nnUNetPlans_3d_fullres")
+    with pytest.raises(NnsslError, match=r"no preprocessed folder holds all 20 training cases of Dataset123_Toy.*"
+                                         r"Run: nnUNetv2_plan_and_preprocess -d Dataset123_Toy"):
+        add_fewshot_folds(123, shots=[1], seed=0)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"shots": [1, 17]}, r"--shots 17 is more than the training set of fold\(s\) \[0, 1, 2, 3, 4\].*"
                          r"fold 0: 16 cases.*Use at most 16 shots"),
@@ -84,10 +176,10 @@ def test_interrupted_call_is_completed_by_the_next(toy):
 ])
 def test_bad_requests_are_refused_and_change_nothing(toy, options, message):
     add_fewshot_folds(123, shots=[3], seed=0)
-    files = {p.name: p.read_bytes() for p in toy.iterdir()}
+    files = {p.name: p.read_bytes() for p in toy.iterdir() if p.is_file()}
     with pytest.raises(NnsslError, match=message):
         add_fewshot_folds(123, **options)
-    assert {p.name: p.read_bytes() for p in toy.iterdir()} == files
+    assert {p.name: p.read_bytes() for p in toy.iterdir() if p.is_file()} == files
 
 
 def test_edited_or_damaged_files_are_reported(toy):

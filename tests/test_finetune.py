@@ -29,7 +29,7 @@ TINY = get_preset("tiny")
 E2E_RUN = "finetune_e2e"
 TRAINER = "SwinUNETR_SimMIM_Trainer"
 FINETUNE_ENV = {"nnssl_run": E2E_RUN, "nnssl_num_epochs": "2", "nnssl_iterations_per_epoch": "1", "nnssl_save_every": "1",
-                "nnssl_lr": "2e-4"}
+                "nnssl_lr": "2e-4", "nnssl_checkpointing": "1"}
 
 
 def make_encoder(path: Path, method: str = "smit", seed: int = 0, preset=TINY, in_channels: int = 1) -> Path:
@@ -148,6 +148,18 @@ def test_bad_encoders_are_clear_errors(start, tmp_path, capsys):
         assert error.startswith("nnUNetv2_train: error: ") and re.search(message, error), (case, error)
 
 
+def test_checkpointing_knob_builds_a_checkpointed_network_and_rejects_bad_values(start, tmp_path, capsys):
+    trainer = start("SwinUNETR_Scratch_Trainer", 5, nnssl_checkpointing="1", nnUNet_results=str(tmp_path))
+    network = trainer.network
+    assert trainer.nnssl_settings["checkpointing"] is True and network.use_checkpoint
+    assert all(block.use_checkpoint for stage in (network.swinViT.layers1, network.swinViT.layers4)
+               for block in stage[0].blocks)
+    with pytest.raises(SystemExit) as exit_info:
+        start("SwinUNETR_Scratch_Trainer", 5, nnssl_checkpointing="yes", nnUNet_results=str(tmp_path))
+    assert exit_info.value.code == 2
+    assert "nnssl_checkpointing='yes' must be 1 (on) or 0 (off)" in capsys.readouterr().err
+
+
 # -- one fold end to end: pretrain, fine-tune, SIGKILL, --c, --val, predict ----------------------------------
 @pytest.fixture(scope="module")
 def simmim_encoder(pretrain_corpus) -> Path:
@@ -189,6 +201,7 @@ def test_weights_at_iteration_0_are_the_pretrained_encoder(finetuned, simmim_enc
     assert f"loaded {len(file_state)} pretrained swinViT tensors from {simmim_encoder}" in finetuned["first_log"]
     assert settings["backbone"]["name"] == "tiny" and settings["backbone_from"] == f"encoder checkpoint {simmim_encoder}"
     assert settings["initial_lr"] == 2e-4  # nnssl_lr
+    assert settings["checkpointing"] is True  # nnssl_checkpointing=1: the real training ran with it
 
 
 def test_continue_after_sigkill(finetuned):

@@ -17,7 +17,7 @@ from nnssl.cli.export import main as export_main
 from nnssl.cli.import_encoder import main as import_main
 from nnssl.errors import NnsslError
 from nnssl.interop import (MONAI_MERGE_ORDER, SMIT_MERGE_ORDER, import_encoder, merge_permutation,
-                           reorder_merging)
+                           reorder_merging, swinunetr_kwargs)
 from nnssl.networks import ENCODER_PREFIX, SwinEncoder, build_swinunetr, get_preset
 
 TINY = get_preset("tiny")
@@ -87,9 +87,22 @@ def monai_swinunetr_state(model: SwinEncoder) -> dict:
     return network.state_dict()
 
 
+def monai_tutorial_layout(model: SwinEncoder) -> dict:
+    """MONAI's tutorial ssl_pretrained_weights.pth: under ``model``, ``encoder.layers{i}.0.0.*`` (one level deeper
+    than MONAI's network, as the tutorial's loader strips), fc1/fc2, mask token, output norm and ``out`` head."""
+    state = {"encoder." + re.sub(r"^layers(\d)\.0\.", r"layers\1.0.0.", k).replace("mlp.linear", "mlp.fc"): v
+             for k, v in model.state_dict().items()}
+    channels = TINY.stage_channels[-1]
+    extras = {"encoder.mask_token": torch.zeros(1, 1, TINY.feature_size), "encoder.norm.weight": torch.ones(channels),
+              "encoder.norm.bias": torch.zeros(channels), "out.conv.conv.weight": torch.zeros(1, channels, 1, 1, 1),
+              "out.conv.conv.bias": torch.zeros(1)}
+    return {"model": state | extras, "epoch": 10}
+
+
 LAYOUTS = {
     # name: (checkpoint maker, layout, container, encoder outputs that must match, tensors initialised)
     "tang": (tang_layout, "monai", "state_dict", 5, []),
+    "monai_tutorial": (monai_tutorial_layout, "monai-tutorial", "model", 5, []),
     "monai_swinunetr": (monai_swinunetr_state, "monai", "(top level)", 5, []),
     "smit_state_dict": (lambda m: {"state_dict": smit_state(m)}, "smit", "state_dict", 5, []),
     "smit_student": (lambda m: {"student": {"module.backbone." + k: v for k, v in smit_state(m, False).items()}
@@ -125,6 +138,34 @@ def test_unused_tensors_are_listed(encoder, tmp_path):
     report = import_encoder(tmp_path / "net.pt", tmp_path / "c.pth")
     assert len(report.unexpected) == len(build_swinunetr(TINY, 1, 2).state_dict()) - len(encoder.state_dict())
     assert not any(k.startswith(("patch_embed", "layers")) for k in report.unexpected)
+
+
+def voco_layout(model: SwinEncoder) -> dict:
+    """VoCo's released weights: a whole MONAI SwinUNETR(use_v2=True) state dict (Large-Scale-Medical README)."""
+    network = SwinUNETR(out_channels=2, **{**swinunetr_kwargs(TINY, 1), "use_v2": True})
+    missing, unexpected = network.swinViT.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and missing and all(re.match(r"layers\dc\.", k) for k in missing)
+    return {"state_dict": network.state_dict()}
+
+
+def test_voco_v2_blocks_are_listed_as_dropped_and_the_rest_loads(encoder, expected, tmp_path):
+    torch.save(voco_layout(encoder), tmp_path / "VoCo_B_SSL_head.pt")
+    result = run_cli("nnssl_import", tmp_path / "VoCo_B_SSL_head.pt", "-o", tmp_path / "encoder_final.pth")
+    assert "(voco layout), method 'imported'" in result.stdout
+    assert "residual convolution blocks of SwinUNETR v2" in result.stdout
+    meta = load_encoder_file(tmp_path / "encoder_final.pth").meta
+    assert meta["imported"]["dropped"] and all(re.match(r"layers[1-4]c\.", k) for k in meta["imported"]["dropped"])
+    assert any(k.startswith("decoder") for k in meta["imported"]["unexpected"])  # listed, not silently dropped
+    for ours, theirs in zip(expected, outputs(imported_encoder(tmp_path / "encoder_final.pth"))):
+        torch.testing.assert_close(theirs, ours, rtol=0, atol=0)  # the v1 part equals the source's weights
+
+
+def test_unknown_layout_names_the_known_ones_through_the_console_script(tmp_path):
+    torch.save({"state_dict": {"blocks.0.attn.qkv.weight": torch.zeros(36, 12)}}, tmp_path / "vit.pt")
+    result = run_cli("nnssl_import", tmp_path / "vit.pt", "-o", tmp_path / "e.pth", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert all(name in result.stderr for name in ("monai", "monai-tutorial", "voco", "smit"))
+    assert not (tmp_path / "e.pth").exists()
 
 
 def test_patch_embedding_norm_is_reported_as_dropped(encoder, tmp_path):
@@ -209,7 +250,8 @@ def bad_sources(encoder, tmp_path):
         "missing.pt": (None, {}, "does not exist"),
         "truncated.pt": (None, {}, "truncated or not a PyTorch checkpoint"),
         "ours.pth": (None, {}, "already is an nnssl encoder file"),
-        "other.pt": ({"state_dict": {"conv.weight": torch.zeros(2, 2)}}, {}, "neither a MONAI Swin"),
+        "other.pt": ({"state_dict": {"conv.weight": torch.zeros(2, 2)}}, {}, "no Swin checkpoint layout nnssl_import "
+                                                                             "knows.*Known layouts: monai.*voco"),
         "nothing.pt": ({"epoch": 3}, {}, r"No weights found.*top-level entries: \['epoch'\].*--key"),
         "incomplete.pt": (incomplete, {}, r"lacks 2 encoder tensor\(s\).*layers2.0.blocks.1.norm1"),
         "wide_merging.pt": (wide_merging, {}, r"other shapes.*layers1.0.downsample.reduction.weight"),

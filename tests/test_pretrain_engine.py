@@ -109,9 +109,13 @@ def test_loss_decreases(pretrain_corpus):
 
 
 def test_same_seed_same_losses(pretrain_corpus):
-    runs = [pretrain_run("simmim", "--seed", "7", run=f"seed7_{i}", epochs=1, steps_per_epoch=4)[1] for i in range(2)]
+    # the second run recomputes its activations in the backward (--grad-checkpointing): same gradients, same losses
+    runs = [pretrain_run("simmim", "--seed", "7", *extra, run=f"seed7_{i}", epochs=1, steps_per_epoch=4)[1]
+            for i, extra in enumerate([(), ("--grad-checkpointing",)])]
     first, second = ([r["loss"] for r in _log_rows(run)] for run in runs)
     assert first == second
+    assert [json.loads((run / "config.json").read_text(encoding="utf-8"))["grad_checkpointing"] for run in runs] \
+        == [False, True]
 
 
 def _start(run: str, steps: int, checkpoint_every: int) -> subprocess.Popen:

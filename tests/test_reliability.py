@@ -22,7 +22,7 @@ from nnssl.pretrain.run_folder import LATEST, CsvLog, latest_good_checkpoint, re
 from nnssl.pretrain.run_lock import OWNER_FILE, RunLock, process_start_time
 
 KILLS = 10
-STEPS = 40
+STEPS = 60  # each killed segment runs a few steps: room for ten of them before the run would finish
 
 
 def _rows(run: Path) -> list[dict]:
@@ -57,6 +57,7 @@ def _foreign_owner(heartbeat_age: float) -> dict:
             "heartbeat": time.time() - heartbeat_age, "token": "theirs"}
 
 
+@pytest.mark.slow
 def test_sigkill_with_loader_workers_then_immediate_resume_ten_times(pretrain_corpus, nnunet_env, tmp_path):
     run = nnunet_env.nnssl_results / "simmim" / "killed_workers"
     seen_workers = 0

@@ -121,7 +121,7 @@ def use_dummy_registry(monkeypatch):
     monkeypatch.setattr(registry, "METHODS", {})
     monkeypatch.setattr(registry, "_import_method_modules", lambda: None)
     for name, family in (("simmim", "mim"), ("dino", "self-distillation")):
-        registry.register_method(name)(type(f"Dummy_{name}", (SSLMethod,), {"family": family}))
+        registry.register_method(name, trainer=TRAINERS[name])(type(f"Dummy_{name}", (SSLMethod,), {"family": family}))
 
 
 @pytest.fixture

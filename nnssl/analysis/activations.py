@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from nnssl.analysis.cka_options import CHECKPOINTS, DECODER_LAYERS, DEFAULT_POOL, ENCODER_LAYERS, LAYER_GROUPS
 from nnssl.analysis.results import ModelFolder, parse_model_folder, trainer_method
 from nnssl.checkpoints import ENCODER_FILENAME, build_pretrained_encoder, load_encoder_file
 from nnssl.errors import NnsslError
@@ -39,12 +40,6 @@ from nnssl.paths import dataset_folder, nnssl_results, nnunet_preprocessed, nnun
 
 log = logging.getLogger(__name__)
 
-ENCODER_LAYERS = ("patch_embed", "stage1", "stage2", "stage3", "stage4")
-DECODER_LAYERS = ("encoder1", "encoder2", "encoder3", "encoder4", "encoder10",
-                  "decoder5", "decoder4", "decoder3", "decoder2", "decoder1")
-LAYER_GROUPS = {"encoder": ENCODER_LAYERS, "decoder": DECODER_LAYERS, "all": ENCODER_LAYERS + DECODER_LAYERS}
-CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
-DEFAULT_POOL = 4
 
 
 @dataclass(frozen=True)

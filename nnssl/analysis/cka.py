@@ -26,10 +26,10 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
+from nnssl.analysis.cka_options import DEFAULT_BATCH_SIZE, KERNELS
+
 Kernel = Literal["linear", "rbf"]
-KERNELS = ("linear", "rbf")
 MIN_BATCH = 4  # HSIC_1 divides by n (n - 3): a minibatch needs at least 4 examples
-DEFAULT_BATCH_SIZE = 32  # examples per minibatch (Nguyen et al.: any size >= 4; larger = less variance)
 
 
 def gram_linear(x: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ from nnssl.analysis.activations import (DEFAULT_POOL, LAYER_GROUPS, CaseReader, 
                                         Model, build_encoder_model, cut_patch, encoder_model_of, load_model,
                                         plan_patches)
 from nnssl.analysis.cka import DEFAULT_BATCH_SIZE, KERNELS, MIN_BATCH, MinibatchCKA, minibatch_sizes
+from nnssl.analysis.cka_options import DEFAULT_PATCHES_PER_CASE
 from nnssl.analysis.tables import write_csv
 from nnssl.errors import NnsslError
 from nnssl.io import save_json
@@ -31,7 +32,6 @@ from nnssl.io import save_json
 log = logging.getLogger(__name__)
 
 FORWARD_BATCH = 2  # patches per forward pass; activations of a 128^3 paper-preset SwinUNETR fill GPU memory fast
-DEFAULT_PATCHES_PER_CASE = 8
 FEW_PATCHES = 40  # below this, debiased CKA is noisy and may leave [0, 1]
 
 

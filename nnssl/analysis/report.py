@@ -25,17 +25,20 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from nnssl.analysis import plots
+from nnssl.analysis.provenance_table import SHOWN, provenance_table
 from nnssl.analysis.probe_table import MIN_METHODS, probe_tables, read_probes
 from nnssl.analysis.protocol import alignment_rows, budget_rows, protocol_sections
-from nnssl.analysis.results import (MANY_SHOT, SCRATCH, UNKNOWN, ModelFolder, dataset_modality, load_fewshot,
-                                    method_family, nnssl_trainer_classes, parse_model_folder, shot_setting,
-                                    trainer_method)
+from nnssl.analysis.references import BASELINE, is_ranked, report_baselines
+from nnssl.analysis.results import (MANY_SHOT, SCRATCH, UNKNOWN, ModelFolder, case_id, dataset_modality,
+                                    load_fewshot, method_family, nnssl_trainer_classes, parse_model_folder,
+                                    shot_setting, trainer_method)
+from nnssl.analysis.review import Review, review
 from nnssl.analysis.tables import markdown_table, write_csv
 from nnssl.errors import NnsslError
 from nnssl.io import load_json, save_text
@@ -45,7 +48,7 @@ from nnssl.paths import dataset_folder, nnunet_preprocessed, nnunet_results
 log = logging.getLogger(__name__)
 
 FINISHED, UNFINISHED, NOT_VALIDATED, MISSING = "finished", "unfinished", "not validated", "missing"
-FAMILY_ORDER = (SCRATCH, *FAMILIES, UNKNOWN)
+FAMILY_ORDER = (SCRATCH, *FAMILIES, UNKNOWN, BASELINE)
 THRESHOLDS = (0.9, 0.95)  # fractions of the final pseudo-Dice for "epochs to reach"
 
 
@@ -66,18 +69,19 @@ class FoldRun:
     status: str
     detail: str = ""
     case_dice: list[float] = field(default_factory=list)
+    case_ids: list[str] = field(default_factory=list)  # the cases of case_dice, in the same order
     logging: dict[str, list] = field(default_factory=dict)  # nnU-Net logging lists (ema_fg_dice, val_losses, ...)
 
 
 # -- reading results ------------------------------------------------------------------------------------
-def case_dice(summary: dict) -> list[float]:
-    """Per case of nnU-Net's ``summary.json``: mean Dice over the foreground labels/regions with a
-    defined Dice (cases where no label has one are left out)."""
-    values = []
+def dice_by_case(summary: dict) -> dict[str, float]:
+    """Case identifier -> mean Dice over the foreground labels/regions with a defined Dice, per case of
+    nnU-Net's ``summary.json`` (cases where no label has one are left out)."""
+    values = {}
     for case in summary["metric_per_case"]:
         dice = [m["Dice"] for m in case["metrics"].values() if m.get("Dice") is not None and not math.isnan(m["Dice"])]
         if dice:
-            values.append(float(np.mean(dice)))
+            values[case_id(case["reference_file"])] = float(np.mean(dice))
     return values
 
 
@@ -109,7 +113,8 @@ def _read_fold(folder: ModelFolder, fold: str, base: dict[str, str]) -> FoldRun:
     if not summary.is_file():
         run.status, run.detail = NOT_VALIDATED, f"no validation/summary.json; validate with: {retrain} --val"
         return run
-    run.case_dice = case_dice(load_json(summary))
+    by_case = dice_by_case(load_json(summary))
+    run.case_ids, run.case_dice = list(by_case), list(by_case.values())
     run.logging = _load(final).get("logging") or {}
     return run
 
@@ -119,35 +124,43 @@ def _load(checkpoint: Path) -> dict:
     return torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
 
 
-def collect_runs(datasets: Sequence[str] | None = None) -> tuple[list[FoldRun], list[str]]:
+def collect_runs(datasets: Sequence[str] | None = None,
+                 baselines: Mapping[str, str] | None = None) -> tuple[list[FoldRun], list[str]]:
     """Every nnssl SwinUNETR trainer x fold under ``$nnUNet_results`` (only ``datasets`` if given), and
-    notes on what was skipped."""
+    notes on what was skipped. ``baselines``: model folder name (``nnUNetTrainer__nnUNetPlans__3d_fullres``)
+    -> row name of the reference trainers to read too (family ``baseline``)."""
     root = nnunet_results()
     if not root.is_dir():
         raise NnsslError(f"$nnUNet_results ({root}) does not exist; train models with nnUNetv2_train first.")
     dataset_dirs = ([dataset_folder(root, d, "nnUNet_results") for d in datasets] if datasets
                     else sorted(p for p in root.glob("Dataset*") if p.is_dir()))
     ours = nnssl_trainer_classes()
+    baselines = baselines or {}
     runs, notes = [], []
     for dataset_dir in dataset_dirs:
         folders = [parse_model_folder(p) for p in sorted(dataset_dir.iterdir())
                    if p.is_dir() and p.name.count("__") == 2]
-        folders = [f for f in folders if f.trainer in ours or f.nnssl_settings() is not None]
+        references = [f for f in folders if f.path.name in baselines]
+        folders = [f for f in folders if f not in references and (f.trainer in ours or f.nnssl_settings() is not None)]
         if not folders:
             notes.append(f"{dataset_dir.name}: no nnssl SwinUNETR model folders")
             continue
         several = len({(f.plans, f.configuration) for f in folders}) > 1
         fewshot = _fewshot_of(dataset_dir.name, notes)
-        for folder in folders:
+        for folder in folders + references:
             if not (folder.path / "dataset.json").is_file():
                 notes.append(f"{folder.path}: no dataset.json (not written by nnUNetv2_train?); skipped")
                 continue
-            method = (trainer_method(ours[folder.trainer]) if folder.trainer in ours
-                      else (folder.nnssl_settings().get("pretrained") or {}).get("method", SCRATCH))
+            if folder in references:
+                method, family = baselines[folder.path.name], BASELINE
+            else:
+                method = (trainer_method(ours[folder.trainer]) if folder.trainer in ours
+                          else (folder.nnssl_settings().get("pretrained") or {}).get("method", SCRATCH))
+                family = method_family(method)
             base = {"task": f"{folder.dataset} [{folder.plans}/{folder.configuration}]" if several else folder.dataset,
                     "dataset": folder.dataset, "modality": dataset_modality(load_json(folder.path / "dataset.json")),
                     "trainer": folder.trainer, "plans": folder.plans, "configuration": folder.configuration,
-                    "method": method, "family": method_family(method)}
+                    "method": method, "family": family}
             for fold in folder.folds:
                 runs.append(_read_fold(folder, fold, {**base, "shot": shot_setting(fold, fewshot)}))
     if not runs:
@@ -179,12 +192,14 @@ def missing_runs(runs: list[FoldRun]) -> list[FoldRun]:
         for method, fold in ((m, f) for m in methods for f in folds):
             if (method, fold) not in present:
                 example = in_task[0]
+                # a baseline keeps its own plans and configuration; SSL methods share the task's
+                origin = methods[method] if methods[method].family == BASELINE else example
                 trainer = methods[method].trainer
                 missing.append(FoldRun(task=task, dataset=example.dataset, modality=example.modality, trainer=trainer,
-                                       plans=example.plans, configuration=example.configuration, method=method,
+                                       plans=origin.plans, configuration=origin.configuration, method=method,
                                        family=methods[method].family, fold=fold, shot=folds[fold], status=MISSING,
-                                       detail=f"train with: nnUNetv2_train {example.dataset} {example.configuration} "
-                                              f"{fold} -tr {trainer} -p {example.plans}"))
+                                       detail=f"train with: nnUNetv2_train {example.dataset} {origin.configuration} "
+                                              f"{fold} -tr {trainer} -p {origin.plans}"))
     return missing
 
 
@@ -200,8 +215,9 @@ def _groups(runs: Iterable[FoldRun], *keys: str) -> dict[tuple, list[FoldRun]]:
     return groups
 
 
-def dice_table(runs: list[FoldRun]) -> list[dict[str, Any]]:
-    """Per task x method x shot: Dice mean/std over all cases of all folds, std of fold means, rank."""
+def dice_table(runs: list[FoldRun], rank_baselines: bool = False) -> list[dict[str, Any]]:
+    """Per task x method x shot: Dice mean/std over all cases of all folds, std of fold means, rank (NaN for
+    baseline rows unless ``rank_baselines``)."""
     rows = []
     for (task, method, shot), group in _groups((r for r in runs if r.case_dice), "task", "method", "shot").items():
         cases = [d for r in group for d in r.case_dice]
@@ -210,8 +226,11 @@ def dice_table(runs: list[FoldRun]) -> list[dict[str, Any]]:
                      "dice_std": _sample_std(cases),
                      "dice_fold_std": _sample_std([float(np.mean(r.case_dice)) for r in group])})
     for group in _groups_of_rows(rows, "task", "shot").values():
-        for row, rank in zip(group, descending_ranks([r["dice_mean"] for r in group])):
+        ranked = [r for r in group if is_ranked(r, rank_baselines)]
+        for row, rank in zip(ranked, descending_ranks([r["dice_mean"] for r in ranked])):
             row["rank"] = rank
+        for row in group:
+            row.setdefault("rank", math.nan)
     return _sorted(rows)
 
 
@@ -324,15 +343,22 @@ def _sorted(rows: list[dict]) -> list[dict]:
 
 # -- the report -------------------------------------------------------------------------------------------
 def make_report(datasets: Sequence[str] | None = None, output: str | Path = "nnssl_report",
-                probe: str | Path | None = None) -> dict[str, Any]:
+                plan: str | Path | None = None, baselines: Sequence[str] | None = None, rank_baselines: bool = False,
+                cka_dir: str | Path | None = None, probe: str | Path | None = None) -> dict[str, Any]:
     """Collect every nnssl SwinUNETR fold under ``$nnUNet_results`` and write the report to ``output``;
     ``probe``: a folder with ``nnssl_probe`` results (probe.json files) for the probe Dice column.
 
-    Returns the tables (lists of row dicts) by name, as written to ``<name>.csv``.
+    ``plan``: the benchmark plan (default ``plans/benchmark.json``) naming the baselines (reference rows,
+    ranked only with ``rank_baselines``; ``baselines`` names others) and the NSD tolerances; ``cka_dir``: where
+    ``nnssl_cka`` wrote few- vs many-shot results. Returns the tables (lists of row dicts) by name, as written
+    to ``<name>.csv``.
     """
-    runs, notes = collect_runs(datasets)
+    runs, notes = collect_runs(datasets, report_baselines(plan, baselines))
     runs = runs + missing_runs(runs)
-    dice_rows = dice_table(runs)
+    dice_rows = dice_table(runs, rank_baselines)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    extras = review(runs, dice_rows, output, plan, Path(cka_dir) if cka_dir else None)
     tables = {
         "folds": [_fold_row(r) for r in sorted(runs, key=lambda r: (r.task, *_method_key(vars(r)), _fold_key(r.fold)))],
         "dice": dice_rows,
@@ -346,12 +372,15 @@ def make_report(datasets: Sequence[str] | None = None, output: str | Path = "nns
     }
     tables["probe"], tables["probe_correlation"] = probe_tables(dice_rows, read_probes(probe))
     tables["problems"] = [row for row in tables["folds"] if row["status"] != FINISHED]
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    tables["provenance"], warnings = provenance_table([r for r in runs if r.status != MISSING], nnunet_results())
+    for warning in warnings:
+        log.warning("%s", warning)
+    notes = warnings + notes
+    tables.update(extras.tables)
     for name, rows in tables.items():
         write_csv(rows, output / f"{name}.csv", columns=None if rows else ["task", "method", "fold", "status"])
-    figures = _figures(runs, tables, output)
-    save_text(_markdown(runs, tables, notes, figures), output / "report.md")
+    figures = _figures(runs, tables, output) + extras.figures
+    save_text(_markdown(runs, tables, notes, figures, extras), output / "report.md")
     log.info("nnssl_report: wrote report.md, %d tables and %d figures to %s", len(tables), len(figures), output)
     return tables
 
@@ -422,7 +451,7 @@ def _pm(row: dict, mean: str, std: str) -> str:
 
 
 def _markdown(runs: list[FoldRun], tables: dict[str, list[dict]], notes: list[str],
-              figures: list[tuple[str, str]]) -> str:
+              figures: list[tuple[str, str]], extras: Review) -> str:
     finished = sum(r.status == FINISHED for r in runs)
     tasks = sorted({r.task for r in runs})
     parts = [
@@ -431,7 +460,9 @@ def _markdown(runs: list[FoldRun], tables: dict[str, list[dict]], notes: list[st
         f"{len({r.method for r in runs})} method(s), read from `{nnunet_results()}`.\n",
         "## Dice\n",
         "Mean ± standard deviation over all validation cases of all folds (per case: mean Dice over the "
-        "foreground labels of nnU-Net's `summary.json`); rank within the task and shot setting in brackets. "
+        "foreground labels of nnU-Net's `summary.json`); rank within the task and shot setting in brackets "
+        "(baseline rows, family `baseline`, are references: not ranked unless asked with --rank-baselines); "
+        "↑s / ↓s, ↑b / ↓b: significantly better / worse than scratch / the baseline (Paired statistics). "
         "Full table: `dice.csv` (also the standard deviation of the fold means).\n",
     ]
     ranks = {(r["method"], r["shot"]): r["average_rank"] for r in tables["ranks"]}
@@ -439,11 +470,14 @@ def _markdown(runs: list[FoldRun], tables: dict[str, list[dict]], notes: list[st
         by_method: dict[str, dict[str, Any]] = {}
         for row in rows:
             entry = by_method.setdefault(row["method"], {"method": row["method"], "family": row["family"]})
-            entry[row["task"]] = f"{_pm(row, 'dice_mean', 'dice_std')} ({row['rank']:g})"
+            rank = "reference" if math.isnan(row["rank"]) else f"{row['rank']:g}"
+            marks = extras.marks.get((row["task"], shot, row["method"], "dice"), "")
+            entry[row["task"]] = f"{_pm(row, 'dice_mean', 'dice_std')} ({rank}){' ' + marks if marks else ''}"
         for entry in by_method.values():
             entry["average rank"] = ranks[(entry["method"], shot)]
         columns = ["method", "family", *sorted({r["task"] for r in rows}), "average rank"]
         parts += [f"### {shot}\n", markdown_table(sorted(by_method.values(), key=_method_key), columns, digits=2)]
+    parts += extras.sections
     sections = [
         ("Average rank", "Mean rank over tasks per shot setting; `all` averages over every task and shot setting.",
          "ranks", ["method", "family", "shot", "tasks", "average_rank"]),
@@ -468,6 +502,9 @@ def _markdown(runs: list[FoldRun], tables: dict[str, list[dict]], notes: list[st
          ["task", "shot", "methods", "spearman_rho", "p_value"]),
         ("Missing and unfinished runs", "Every task x method x fold that another method of the task has, "
          "without a validated result.", "problems", ["task", "method", "fold", "shot", "status", "detail"]),
+        ("Provenance", "Software and hardware of the runs per method: fine-tuning from each model folder's "
+         "plans.json, pretraining from the encoder's run folder config.json (distinct values, comma-separated).",
+         "provenance", ["method", "stage", "runs", *SHOWN]),
     ]
     for title, text, name, columns in sections:
         rows = tables[name]

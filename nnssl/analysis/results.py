@@ -116,3 +116,8 @@ def shot_setting(fold: str, fewshot: dict[str, dict]) -> str:
     if fold == "all" or (fold.isdigit() and int(fold) < NUM_MANY_SHOT_FOLDS):
         return MANY_SHOT
     return UNKNOWN
+
+
+def case_id(path: str) -> str:
+    """The nnU-Net case identifier of a file of ``summary.json`` (its name without the file ending)."""
+    return Path(path).name.split(".")[0]

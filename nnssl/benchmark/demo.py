@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from nnssl.benchmark.cluster import ClusterSettings
 from nnssl.benchmark.driver import ROOT_VARIABLES, BenchmarkOutcome, format_plan, run_benchmark
 from nnssl.benchmark.study import Study, load_study
 from nnssl.errors import NnsslError
@@ -69,18 +70,21 @@ def default_jobs() -> int:
 
 
 def run_demo(output: str | os.PathLike = DEFAULT_OUTPUT, quick: bool = False, dry_run: bool = False,
-             jobs: int | None = None) -> DemoOutcome:
-    """Run (or with ``dry_run`` only list) the demo study in ``output``; see the module docstring."""
+             jobs: int | None = None, cluster: ClusterSettings | None = None) -> DemoOutcome:
+    """Run (or with ``dry_run`` only list) the demo study in ``output``; see the module docstring. With
+    ``cluster``, every job is submitted to Slurm with those settings and the demo waits for them."""
     out = Path(output).resolve()
     plan = demo_plan(quick)
     plan_path = _write_plan(plan, out)
     study = load_study(plan_path)
-    settings = {"plan": plan_path, "device": "cpu", "output": out / BENCHMARK, "corpus_dir": out / CORPUS_RAW,
-                "jobs": jobs or default_jobs()}
+    settings = {"plan": plan_path, "device": "cpu", "output": out / BENCHMARK, "corpus_dir": out / CORPUS_RAW}
+    settings.update({"executor": "slurm", "cluster": cluster, "wait": True} if cluster else
+                    {"jobs": jobs or default_jobs()})
     with demo_environment(out, create=not dry_run):
         if dry_run:
             outcome = run_benchmark(**settings, dry_run=True)
-            return DemoOutcome(out, _dry_run_text(outcome, study, plan["demo"], out), ok=True)
+            text = outcome.text if cluster else _dry_run_text(outcome, study, plan["demo"], out)
+            return DemoOutcome(out, text, ok=True)
         started_wall, started_cpu = time.monotonic(), _cpu_seconds()
         make_synthetic_data(study, plan["demo"], out)
         outcome = run_benchmark(**settings)
@@ -186,7 +190,8 @@ def _summary(outcome: BenchmarkOutcome, study: Study, out: Path, quick: bool, mi
                   markdown_table(rows, ["task", "modality", "method", "family", "aligned", *shots, *ckas])]
     else:
         lines.append(f"No Dice table: {report / 'dice.csv'} was not written (see the failed jobs above).")
-    lines += [f"Report:  {report / 'report.md'} (tables, dice.png, convergence_*.png, gap.png, modality.png)",
+    lines += [f"Report:  {report / 'report.md'} (tables, statistics, NSD, CKA, dice.png, dice_vs_shots.png, "
+              f"overlay_*.png, convergence_*.png, gap.png, modality.png)",
               f"CKA:     {out / BENCHMARK / 'cka'}/<dataset>/<trainer>/<k>shot_fold0_seed0/cka_heatmap.png",
               f"Logs:    {out / BENCHMARK / 'logs'}/<job>.log",
               f"Models:  {out / 'nnUNet_results'} and {out / 'nnssl_results'} (nnU-Net's and nnssl's folders)"]

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nnssl.benchmark.allocation import local_share
+from nnssl.benchmark.cluster import ClusterSettings
 from nnssl.benchmark.executor import FAILED, INTERRUPTED, SKIPPED, JobResult, format_summary, run_jobs
 from nnssl.benchmark.jobs import DONE, KINDS, DiskState, Job, Settings, StudyPlan, plan_study, select
 from nnssl.benchmark.study import Study, load_study
@@ -33,31 +35,58 @@ class BenchmarkOutcome:
 def run_benchmark(tasks: list[str] | None = None, methods: list[str] | None = None, shots: list[str] | None = None,
                   folds: list[int] | None = None, gpus: int | None = None, dry_run: bool = False,
                   plan: str | Path | None = None, output: str | Path | None = None, device: str = "cuda",
-                  corpus_dir: str | Path | None = None, jobs: int | None = None) -> BenchmarkOutcome:
-    """Plan (and unless ``dry_run``, run) the selected part of the study; see ``nnssl_benchmark --help``."""
+                  corpus_dir: str | Path | None = None, jobs: int | None = None, executor: str = "local",
+                  cluster: ClusterSettings | None = None, action: str = "run", wait: bool = False) -> BenchmarkOutcome:
+    """Plan (and unless ``dry_run``, run) the selected part of the study; see ``nnssl_benchmark --help``.
+
+    ``executor="slurm"`` submits it instead (:mod:`nnssl.benchmark.slurm`; ``cluster`` settings, ``wait`` for
+    the jobs to end); ``action`` ``status``/``cancel`` shows/cancels the study's Slurm jobs, ``estimate``
+    prints its GPU-hours.
+    """
     if device not in ("cuda", "cpu"):
         raise NnsslError(f"--device must be cuda or cpu; got {device!r}.")
     if jobs is not None and device != "cpu":
         raise NnsslError("--jobs is for --device cpu; on GPUs, --gpus N runs one job per GPU.")
     study = load_study(plan)
     selection = select(study, tasks, methods, shots, folds)
-    state = _disk_state(study, must_exist=not dry_run)
+    state = _disk_state(study, must_exist=not dry_run and action != "estimate")
     out = Path(output) if output else state.nnssl_results_dir / "benchmark"
     settings = Settings(output=out, device=device, corpus_dir=Path(corpus_dir) if corpus_dir else None)
     study_plan = plan_study(study, selection, settings, state)
+    if action == "estimate":
+        from nnssl.benchmark.estimate import estimate_study
+
+        return BenchmarkOutcome(study_plan, estimate_study(study, study_plan, state))
+    if executor == "slurm" or action in ("status", "cancel"):
+        from nnssl.benchmark.slurm import run_slurm
+
+        slurm_action = "dry-run" if dry_run else action if action in ("status", "cancel") else "submit"
+        if slurm_action == "submit" and study_plan.missing:
+            raise NnsslError("Some inputs of the study are missing:\n  " + "\n  ".join(study_plan.missing))
+        text, results = run_slurm(study_plan, out, state.preprocessed_dir, cluster or ClusterSettings(), device,
+                                  slurm_action, wait)
+        if slurm_action == "submit" and wait:
+            write_summary(results, out)
+        return BenchmarkOutcome(study_plan, text, results)
     if dry_run:
         return BenchmarkOutcome(study_plan, format_plan(study_plan, out / "logs"))
     if study_plan.missing:
         raise NnsslError("Some inputs of the study are missing:\n  " + "\n  ".join(study_plan.missing))
-    slots, env = cpu_slots(jobs) if device == "cpu" else (gpu_slots(gpus), {})
-    log.info("%d jobs, %d to run, on %s", len(study_plan.jobs), sum(j.state != DONE for j in study_plan.jobs),
-             f"GPUs {slots}" if device != "cpu" else f"the CPU ({len(slots)} training job(s) at a time)")
-    results = run_jobs(study_plan.jobs, out / "logs", gpu_slots=slots, env=env,
+    slots = cpu_slots(jobs) if device == "cpu" else gpu_slots(gpus)
+    cores = local_share(len(slots))
+    log.info("%d jobs, %d to run, on %s, %d core(s) each", len(study_plan.jobs),
+             sum(j.state != DONE for j in study_plan.jobs),
+             f"GPUs {slots}" if device != "cpu" else f"the CPU ({len(slots)} training job(s) at a time)", cores)
+    results = run_jobs(study_plan.jobs, out / "logs", gpu_slots=slots, cores_per_job=cores,
                        check=lambda job: check_fewshot(job, state.preprocessed_dir))
+    write_summary(results, out)
+    return BenchmarkOutcome(study_plan, format_summary(results) + f"\nsummary: {out / 'summary.json'}", results)
+
+
+def write_summary(results: list[JobResult], out: Path) -> None:
     save_json([{"id": r.job.id, "status": r.status, "returncode": r.returncode, "seconds": round(r.seconds, 1),
                 "message": r.message, "log": r.log, "command": r.job.shell()} for r in results],
               out / "summary.json")
-    return BenchmarkOutcome(study_plan, format_summary(results) + f"\nsummary: {out / 'summary.json'}", results)
 
 
 def _disk_state(study: Study, must_exist: bool) -> DiskState:
@@ -71,15 +100,13 @@ def _disk_state(study: Study, must_exist: bool) -> DiskState:
     return DiskState(*roots, study=study)
 
 
-def cpu_slots(jobs: int | None) -> tuple[list[None], dict[str, str]]:
-    """``jobs`` training jobs at a time on the CPU, and the environment that gives each its share of the cores
-    (``OMP_NUM_THREADS``; tiny networks run faster side by side than one after another on all cores)."""
+def cpu_slots(jobs: int | None) -> list[None]:
+    """``jobs`` training jobs at a time on the CPU, each with its share of the cores (tiny networks run faster
+    side by side than one after another on all cores)."""
     jobs = 1 if jobs is None else jobs
     if jobs < 1:
         raise NnsslError(f"--jobs must be >= 1; got {jobs}.")
-    if jobs == 1:
-        return [None], {}
-    return [None] * jobs, {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // jobs))}
+    return [None] * jobs
 
 
 def gpu_slots(count: int | None) -> list[str]:

@@ -2,7 +2,8 @@
 
 A job starts when every job in its ``deps`` succeeded (or was already ``done``) and every job in its
 ``after`` has finished in any way; a job whose dependency failed is skipped, and so are its dependents.
-GPU jobs get ``CUDA_VISIBLE_DEVICES`` set to their slot's GPU. On Ctrl-C the running commands get SIGINT
+GPU jobs get ``CUDA_VISIBLE_DEVICES`` set to their slot's GPU, and every job its share of the cores
+(:mod:`nnssl.benchmark.allocation`). On Ctrl-C the running commands get SIGINT
 (``nnssl_pretrain`` saves a checkpoint on it), then the summary is written; nothing is lost that
 ``--c``/``--resume`` cannot continue.
 """
@@ -21,6 +22,7 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
+from nnssl.benchmark.allocation import describe_share, share_env
 from nnssl.benchmark.jobs import DONE, Job
 
 log = logging.getLogger(__name__)
@@ -55,11 +57,12 @@ def log_path(log_dir: Path, job: Job) -> Path:
 
 def run_jobs(jobs: Sequence[Job], log_dir: Path, gpu_slots: Sequence[str | None] = (None,), cpu_slots: int = 1,
              check: Callable[[Job], str | None] | None = None, poll_seconds: float = 0.1,
-             env: dict[str, str] | None = None) -> list[JobResult]:
+             env: dict[str, str] | None = None, cores_per_job: int | None = None) -> list[JobResult]:
     """Run ``jobs`` (``done`` ones are not run) and return one result per job, in the order given.
 
     ``gpu_slots``: one entry per GPU job that may run at once, the value of ``CUDA_VISIBLE_DEVICES`` for it
     (None: leave the variable as it is). ``env``: variables set for every command (a job's own win).
+    ``cores_per_job``: each job's share of the cores, turned into its thread and worker-process counts.
     ``check(job)``, called after a job exited 0, may return a message that turns the job into a failure
     (e.g. its output disagrees with what later jobs were planned on).
     """
@@ -85,7 +88,7 @@ def run_jobs(jobs: Sequence[Job], log_dir: Path, gpu_slots: Sequence[str | None]
                 if not _ready(job, results) or (job.gpu and not free_gpus) or (not job.gpu and free_cpus < 1):
                     continue
                 waiting.remove(job)
-                started = _start(job, free_gpus.pop(0) if job.gpu else None, log_dir, env or {})
+                started = _start(job, free_gpus.pop(0) if job.gpu else None, log_dir, env or {}, cores_per_job)
                 free_cpus -= not job.gpu
                 running.append(started)
             time.sleep(poll_seconds if running else 0)
@@ -130,16 +133,30 @@ def _ready(job: Job, results: dict[str, JobResult]) -> bool:
     return all(d in results for d in job.deps) and all(a in results for a in job.after)
 
 
-def _start(job: Job, slot: str | None, log_dir: Path, common_env: dict[str, str]) -> _Running:
-    env = {**os.environ, **common_env, **dict(job.env)}
+def job_environment(job: Job, common_env: dict[str, str], cores: int | None) -> dict[str, str]:
+    """The environment of ``job``'s command: ours, the common variables, its share of ``cores`` (if given),
+    then the job's own variables (the plan's), which win."""
+    share = share_env(job, cores) if cores else {}
+    env = {**os.environ, **common_env, **share, **dict(job.env)}
     # the console scripts of this installation (nnUNetv2_train, nnssl_*) even when its venv is not activated
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def log_header(job: Job, env: dict[str, str], where: str = "") -> str:
+    """The line that starts each run of a job in its log: when, state, where, threads, command."""
+    threads = describe_share(env)
+    return (f"=== {datetime.datetime.now().isoformat(timespec='seconds')} [{job.state}]{where}"
+            f"{f' ({threads})' if threads else ''}: {job.shell()}\n")
+
+
+def _start(job: Job, slot: str | None, log_dir: Path, common_env: dict[str, str], cores: int | None) -> _Running:
+    env = job_environment(job, common_env, cores)
     if job.gpu and slot is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot
     path = log_path(log_dir, job)
     handle = open(path, "a")  # a resumed job continues its log
-    gpu = f" (CUDA_VISIBLE_DEVICES={slot})" if job.gpu and slot is not None else ""
-    handle.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')} [{job.state}]{gpu}: {job.shell()}\n")
+    handle.write(log_header(job, env, f" (CUDA_VISIBLE_DEVICES={slot})" if job.gpu and slot is not None else ""))
     handle.flush()
     try:
         process = subprocess.Popen(job.command, env=env, stdout=handle, stderr=subprocess.STDOUT,
@@ -182,10 +199,11 @@ def _stop(running: list[_Running], results: dict[str, JobResult]) -> None:
                                          item.log, "stopped by Ctrl-C", time.monotonic() - item.start)
 
 
-def format_summary(results: Sequence[JobResult]) -> str:
-    """Counts per status and kind, then every job that did not succeed with its reason and log."""
+def format_summary(results: Sequence[JobResult],
+                   statuses: Sequence[str] = (OK, ALREADY_DONE, FAILED, SKIPPED, INTERRUPTED)) -> str:
+    """Counts per status (columns ``statuses``) and kind, then every job that did not succeed with its reason
+    and log."""
     kinds = list(dict.fromkeys(r.job.kind for r in results))
-    statuses = (OK, ALREADY_DONE, FAILED, SKIPPED, INTERRUPTED)
     lines = [f"{'jobs':<10}" + "".join(f"{s:>12}" for s in statuses)]
     for kind in kinds:
         counts = [sum(r.job.kind == kind and r.status == s for r in results) for s in statuses]
@@ -194,6 +212,8 @@ def format_summary(results: Sequence[JobResult]) -> str:
     if bad:
         lines.append(f"\n{len(bad)} job(s) did not succeed:")
         lines += [f"  {r.status:<11} {r.job.id}: {r.message}" + (f" (log: {r.log})" if r.log else "") for r in bad]
-    else:
+    elif all(r.status in (OK, ALREADY_DONE) for r in results):
         lines.append("\nall jobs succeeded")
+    else:
+        lines.append("\nno job failed so far")
     return "\n".join(lines)

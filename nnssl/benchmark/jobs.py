@@ -17,6 +17,7 @@ Jobs, in the order they are listed (and started when their dependencies allow):
 - ``finetune``: ``nnUNetv2_train ID 3d_fullres FOLD -tr SwinUNETR_<M>_Trainer`` per task, trainer and fold
   (``--c`` when a checkpoint exists; done when ``checkpoint_final.pth`` and ``validation/summary.json``
   exist); nnU-Net validates at the end of training;
+- ``finetune`` of each baseline of the plan (``baselines``, e.g. stock ``nnUNetTrainer``) on the same folds;
 - ``cka``: ``nnssl_cka FOLDER:FEWSHOT_FOLD FOLDER:BASE_FOLD -o ...`` (few- vs many-shot per trainer);
 - ``report``: ``nnssl_report IDS -o ...``, after every fine-tuning and CKA job, whatever their outcome.
 """
@@ -29,7 +30,7 @@ from typing import Protocol
 
 from nnssl.align_plans import CORPUS_PLANS
 from nnssl.benchmark.budget import Budget, method_budget
-from nnssl.benchmark.study import Study, TaskSpec
+from nnssl.benchmark.study import BaselineSpec, Study, TaskSpec
 from nnssl.errors import NnsslError
 from nnssl.fewshot import FEWSHOT_FILENAME, NUM_MANY_SHOT_FOLDS, SPLITS_FILENAME, plan_fewshot_folds
 from nnssl.io import load_json
@@ -59,6 +60,18 @@ class Job:
         return " ".join([f"{k}={_quote(v)}" for k, v in self.env] + [_quote(c) for c in self.command])
 
 
+RESUME_FLAGS = {"pretrain": "--resume", "finetune": "--c"}  # both start afresh when there is nothing to continue
+
+
+def resumable(job: Job) -> Job:
+    """``job`` with its continue flag (``nnssl_pretrain --resume``, ``nnUNetv2_train --c``) whatever the disk
+    holds now: a job that is requeued after a time limit or preemption continues from its last checkpoint."""
+    flag = RESUME_FLAGS.get(job.kind)
+    if flag is None or flag in job.command:
+        return job
+    return replace(job, command=(*job.command, flag))
+
+
 def _quote(arg: str) -> str:
     # "$nnUNet_results/..." (a dry run with the variable unset) stays expandable when pasted into a shell
     if arg.startswith("$") and shlex.quote(arg[1:]) == arg[1:]:
@@ -74,6 +87,7 @@ class Selection:
     methods: tuple[str, ...]
     shots: tuple[int | str, ...]
     folds: tuple[int, ...]
+    baselines: tuple[str, ...] = ()  # reference nnU-Net trainers of the plan (its ``baselines``)
 
 
 @dataclass(frozen=True)
@@ -97,16 +111,20 @@ class ResultsState(Protocol):
     def preprocessed(self, dataset: str, plans: str | None = None) -> bool: ...  # None: the study's plans
     def fewshot(self, dataset: str) -> tuple[dict[str, dict], int]: ...  # fewshot.json folds, folds in splits
     def pretrain(self, method: str, run: str) -> str: ...
-    def finetune(self, dataset: str, trainer: str, fold: int) -> str: ...
-    def model_folder(self, dataset: str, trainer: str) -> Path: ...
+    def finetune(self, dataset: str, trainer: str, fold: int, plans: str | None = None,
+                 configuration: str | None = None) -> str: ...
+    def model_folder(self, dataset: str, trainer: str, plans: str | None = None,
+                     configuration: str | None = None) -> Path: ...
     def file_exists(self, path: Path) -> bool: ...
 
 
 def select(study: Study, tasks: list[str] | None = None, methods: list[str] | None = None,
            shots: list[str] | None = None, folds: list[int] | None = None) -> Selection:
-    """A checked selection; None means everything in the study."""
+    """A checked selection; None means everything in the study. ``methods`` may name baselines too."""
     task_keys = tuple(dict.fromkeys(study.task(t).key for t in tasks)) if tasks else tuple(study.tasks)
-    method_names = tuple(dict.fromkeys(study.method(m).name for m in methods)) if methods else tuple(study.methods)
+    method_names = (tuple(dict.fromkeys(study.method(m).name for m in methods if m not in study.baselines))
+                    if methods else tuple(study.methods))
+    baselines = tuple(dict.fromkeys(m for m in methods if m in study.baselines)) if methods else tuple(study.baselines)
     available = sorted({n for key in task_keys for n in study.tasks[key].few_shot})
     if shots:
         chosen: list[int | str] = []
@@ -125,7 +143,7 @@ def select(study: Study, tasks: list[str] | None = None, methods: list[str] | No
     bad_folds = [f for f in folds or [] if f not in study.folds]
     if bad_folds:
         raise NnsslError(f"--folds {bad_folds}: the study's many-shot folds are {list(study.folds)}.")
-    return Selection(task_keys, method_names, shot_values, tuple(folds) if folds else study.folds)
+    return Selection(task_keys, method_names, shot_values, tuple(folds) if folds else study.folds, baselines)
 
 
 def predicted_fewshot_folds(study: Study, task: TaskSpec, shots: list[int],
@@ -166,8 +184,11 @@ def plan_study(study: Study, selection: Selection, settings: Settings, state: Re
         plan.jobs += fewshot
         finetune_jobs += [replace(job, after=_ids(*probe_jobs)) if probe_jobs else job for job in finetune]
         cka_jobs += cka
-    report = ("nnssl_report", *(str(study.tasks[k].dataset_id) for k in selection.tasks),
-              "-o", str(settings.output / "report"), *(("--probe", str(probe_root(settings))) if probe_jobs else ()))
+    # the report reads the plan's baselines and NSD tolerances, and the CKA results of the cka jobs
+    custom_plan = ("--plan", str(study.source)) if study.source.is_absolute() else ()
+    report = ("nnssl_report", *(str(study.tasks[k].dataset_id) for k in selection.tasks), *custom_plan,
+              "--cka", str(settings.output / "cka"), "-o", str(settings.output / "report"),
+              *(("--probe", str(probe_root(settings))) if probe_jobs else ()))
     plan.jobs += [*finetune_jobs, *cka_jobs,
                   Job("report", "report", report, NEW, after=_ids(*finetune_jobs, *cka_jobs, *probe_jobs))]
     return plan
@@ -228,6 +249,12 @@ def _task_jobs(study: Study, task: TaskSpec, selection: Selection, settings: Set
             if n is not None and base in study.cka_base_folds and (base, None, None) in by_run:
                 cka_jobs.append(_cka_job(study, task, method.trainer, n, base, seed, fold_of[(base, n, seed)],
                                          (by_run[(base, n, seed)], by_run[(base, None, None)]), settings, state))
+    for name in selection.baselines:
+        baseline = study.baselines[name]
+        finetune_jobs += [_finetune_job(study, task, baseline.trainer, False,
+                                        base if n is None else fold_of[(base, n, seed)], _ids(plan_job, *fewshot_jobs),
+                                        settings, state, study.seeds[0] if seed is None else seed, baseline)
+                          for base, n, seed in runs]
     return fewshot_jobs, finetune_jobs, cka_jobs
 
 
@@ -311,15 +338,21 @@ def _fewshot_jobs(study: Study, task: TaskSpec, shots: list[int], existing: dict
 
 
 def _finetune_job(study: Study, task: TaskSpec, trainer: str, pretrained: bool, fold: int, deps: tuple[str, ...],
-                  settings: Settings, state: ResultsState, seed: int) -> Job:
-    run_state = state.finetune(task.dataset, trainer, fold)
-    command = ["nnUNetv2_train", str(task.dataset_id), study.configuration, str(fold), "-tr", trainer]
-    command += ["-p", study.plans_identifier] if study.plans_identifier != CORPUS_PLANS else []
+                  settings: Settings, state: ResultsState, seed: int, baseline: BaselineSpec | None = None) -> Job:
+    plans = baseline.plans_identifier if baseline else study.plans_identifier
+    configuration = baseline.configuration if baseline else study.configuration
+    run_state = state.finetune(task.dataset, trainer, fold, plans, configuration)
+    command = ["nnUNetv2_train", str(task.dataset_id), configuration, str(fold), "-tr", trainer]
+    command += ["-p", plans] if plans != CORPUS_PLANS else []
     command += [*_device_flag(settings), *(["--c"] if run_state == RESUME else [])]
-    env = {"nnssl_backbone": study.backbone, "nnssl_seed": str(seed), **study.finetune_env}
+    # a baseline is no SwinUNETR: of nnssl's knobs it reads at most the schedule's (nnUNetTrainer_nnsslSchedule)
+    swin_knobs = {} if baseline else {"nnssl_backbone": study.backbone, "nnssl_seed": str(seed)}
+    env = {**swin_knobs, **study.finetune_env, **(baseline.finetune_env if baseline else {})}
     if pretrained:
         env["nnssl_run"] = study.corpus_run  # the study's pretraining run, not whichever is newest
-    return Job(f"finetune/{task.dataset}/{trainer}/fold_{fold}", "finetune", tuple(command), run_state,
+    name = trainer if (plans, configuration) == (study.plans_identifier, study.configuration) else \
+        f"{trainer}__{plans}__{configuration}"
+    return Job(f"finetune/{task.dataset}/{name}/fold_{fold}", "finetune", tuple(command), run_state,
                deps=deps, env=tuple(env.items()), gpu=True)
 
 
@@ -381,12 +414,16 @@ class DiskState:
             return DONE
         return RESUME if (folder / "config.json").is_file() else NEW
 
-    def model_folder(self, dataset: str, trainer: str) -> Path:
-        """nnU-Net's trained-model folder ``$nnUNet_results/DatasetXXX/<trainer>__<plans>__<configuration>``."""
-        return self.results_dir / dataset / f"{trainer}__{self.study.plans_identifier}__{self.study.configuration}"
+    def model_folder(self, dataset: str, trainer: str, plans: str | None = None,
+                     configuration: str | None = None) -> Path:
+        """nnU-Net's trained-model folder ``$nnUNet_results/DatasetXXX/<trainer>__<plans>__<configuration>``
+        (the study's plans and configuration unless given)."""
+        return self.results_dir / dataset / (f"{trainer}__{plans or self.study.plans_identifier}__"
+                                             f"{configuration or self.study.configuration}")
 
-    def finetune(self, dataset: str, trainer: str, fold: int) -> str:
-        folder = self.model_folder(dataset, trainer) / f"fold_{fold}"
+    def finetune(self, dataset: str, trainer: str, fold: int, plans: str | None = None,
+                 configuration: str | None = None) -> str:
+        folder = self.model_folder(dataset, trainer, plans, configuration) / f"fold_{fold}"
         final = (folder / "checkpoint_final.pth").is_file()
         if final and (folder / "validation" / "summary.json").is_file():
             return DONE

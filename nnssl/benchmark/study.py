@@ -50,6 +50,22 @@ class MethodSpec:
 
 
 @dataclass(frozen=True)
+class BaselineSpec:
+    """An extra nnU-Net trainer run on the same folds as the SSL methods, as a reference (not ranked)."""
+
+    name: str  # its row name in the report, e.g. "nnUNet"
+    trainer: str  # e.g. "nnUNetTrainer"
+    configuration: str
+    plans_identifier: str
+    finetune_env: dict[str, str] = field(default_factory=dict)  # over the study's, e.g. a CNN's own schedule
+
+    @property
+    def folder_name(self) -> str:
+        """nnU-Net's model folder name ``<trainer>__<plans>__<configuration>``."""
+        return f"{self.trainer}__{self.plans_identifier}__{self.configuration}"
+
+
+@dataclass(frozen=True)
 class Study:
     tasks: dict[str, TaskSpec]
     methods: dict[str, MethodSpec]
@@ -67,6 +83,7 @@ class Study:
     finetune_env: dict[str, str] = field(default_factory=dict)  # e.g. {"nnssl_num_epochs": "5"}
     num_processes: int | None = None  # worker processes of corpus preparation and nnU-Net planning (None: theirs)
     cka_args: tuple[str, ...] = ()  # extra nnssl_cka options (e.g. --patches-per-case 32)
+    baselines: dict[str, BaselineSpec] = field(default_factory=dict)  # reference nnU-Net trainers
     probe_task: str | None = None  # key of the task nnssl_probe judges every encoder on before fine-tuning
     probe_args: tuple[str, ...] = ()  # extra nnssl_probe options
     pretraining: PretrainingProtocol = PretrainingProtocol("reference")  # the budget every method gets
@@ -100,6 +117,16 @@ class Study:
         return self.methods[name]
 
 
+def parse_baselines(entries: dict[str, Any], configuration: str, plans: str) -> dict[str, BaselineSpec]:
+    """The ``baselines`` section: name -> {"trainer", "configuration", "plans_identifier", "finetune_env"} (the
+    configuration and plans default to the study's, so a baseline trains on the same preprocessed data;
+    ``finetune_env`` entries replace the study's for this trainer)."""
+    return {name: BaselineSpec(name, entry["trainer"], entry.get("configuration", configuration),
+                               entry.get("plans_identifier", plans),
+                               {str(k): str(v) for k, v in entry.get("finetune_env", {}).items()})
+            for name, entry in entries.items() if not name.startswith("_")}
+
+
 _TASK_KEYS = {"dataset_id", "dataset_name", "modality", "converter", "channel_names", "labels", "few_shot",
               "expected_cases", "description", "source", "align"}
 
@@ -125,6 +152,9 @@ def _parse(data: dict[str, Any], source: Path) -> Study:
                          f"need their own nnU-Net id.")
     methods = {name: MethodSpec(name, entry["trainer"], bool(entry.get("pretrained", True)))
                for name, entry in data["methods"].items()}
+    clash = sorted(set(methods) & set(data.get("baselines", {})))
+    if clash:
+        raise NnsslError(f"{source}: {clash} named both as method and as baseline; give the baseline another name.")
     return Study(
         tasks=tasks, methods=methods, folds=tuple(int(f) for f in data["folds"]),
         seeds=tuple(int(s) for s in data["seeds"]), backbone=data["backbone"],
@@ -135,6 +165,7 @@ def _parse(data: dict[str, Any], source: Path) -> Study:
         finetune_env={str(k): str(v) for k, v in data.get("finetune_env", {}).items()},
         num_processes=int(data["num_processes"]) if data.get("num_processes") is not None else None,
         cka_args=tuple(str(a) for a in data["cka"].get("args", [])),
+        baselines=parse_baselines(data.get("baselines", {}), data["configuration"], data["plans_identifier"]),
         probe_task=_probe_task(data.get("probe"), tasks, source),
         probe_args=tuple(str(a) for a in (data.get("probe") or {}).get("args", [])),
         pretraining=parse_protocol(data.get("pretraining"), str(source)),

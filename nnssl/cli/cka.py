@@ -8,9 +8,8 @@ from nnssl.errors import exit_on_user_error
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nnssl.analysis.activations import CHECKPOINTS, DEFAULT_POOL, LAYER_GROUPS
-    from nnssl.analysis.cka import DEFAULT_BATCH_SIZE, KERNELS
-    from nnssl.analysis.feature_reuse import DEFAULT_PATCHES_PER_CASE
+    from nnssl.analysis.cka_options import (CHECKPOINTS, DEFAULT_BATCH_SIZE, DEFAULT_PATCHES_PER_CASE, DEFAULT_POOL,
+                                            KERNELS, LAYER_GROUPS)
 
     parser = argparse.ArgumentParser(
         prog="nnssl_cka",

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 
 from nnssl.errors import exit_on_user_error
-from nnssl.interop import USAGE, export_encoder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", dest="output", required=True, help="checkpoint to write, e.g. swin_dino.pt")
     args = parser.parse_args(argv)
     with exit_on_user_error("nnssl_export"):
+        from nnssl.interop import USAGE, export_encoder
+
         output = export_encoder(source=args.source, output=args.output)
     print(f"Wrote {output}. Load it with:\n{USAGE.format(path=output)}")
     return 0

@@ -8,8 +8,7 @@ from nnssl.errors import exit_on_user_error
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nnssl.probe.data import ProbeCases
-    from nnssl.probe.linear import ProbeSettings
+    from nnssl.probe.options import ProbeCases, ProbeSettings
 
     cases, settings = ProbeCases(dataset=""), ProbeSettings()
     parser = argparse.ArgumentParser(

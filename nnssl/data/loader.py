@@ -7,7 +7,6 @@ random stream (seed, rank, worker), and every rank draws from its own shard of t
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -21,7 +20,7 @@ from nnssl.data.views import ViewMaker
 from nnssl.errors import NnsslError
 from nnssl.io import load_json
 from nnssl.data.spec import ViewSpec
-from nnssl.paths import dataset_folder, nnunet_preprocessed
+from nnssl.paths import preprocessed_dataset
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +46,10 @@ class Corpus:
 def load_corpus(datasets: Sequence[str | int], configuration: str = "3d_fullres",
                 plans: str = "nnUNetPlans") -> Corpus:
     """The preprocessed cases of ``datasets``; errors say which nnU-Net command is missing."""
-    root = nnunet_preprocessed()
     names, folders, cases, channels, spacings, normalizations = [], [], [], set(), [], set()
     intensities = []
     for dataset in datasets:
-        base = _preprocessed_folder(root, dataset, configuration)
+        base = preprocessed_dataset(dataset, configuration)
         plans_file = base / f"{plans}.json"
         if not plans_file.is_file():
             raise NnsslError(f"{base.name} has no plans '{plans}' ({plans_file} is missing). Run: "
@@ -79,21 +77,6 @@ def load_corpus(datasets: Sequence[str | int], configuration: str = "3d_fullres"
                          f"a pooled corpus needs one.")
     return Corpus(tuple(names), tuple(folders), tuple(cases), channels.pop(), spacings[0], tuple(sorted(normalizations)),
                   intensities[0])
-
-
-def _preprocessed_folder(root: Path, dataset: str | int, configuration: str) -> Path:
-    try:
-        return dataset_folder(root, dataset, "nnUNet_preprocessed")
-    except NnsslError:
-        raw_root = os.environ.get("nnUNet_raw")
-        try:
-            raw = dataset_folder(Path(raw_root), dataset, "nnUNet_raw") if raw_root else None
-        except NnsslError:
-            raw = None
-        if raw is not None:
-            raise NnsslError(f"{raw.name} is in $nnUNet_raw but has not been preprocessed. Run: "
-                             f"nnUNetv2_plan_and_preprocess -d {dataset} -c {configuration}") from None
-        raise
 
 
 class RegionDataset(IterableDataset):

@@ -67,7 +67,7 @@ def ntxent_loss(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ValueError(f"ntxent_loss needs two (B, D) tensors of one shape, got {tuple(z1.shape)} and "
                          f"{tuple(z2.shape)}")
-    local = F.normalize(torch.cat([z1, z2]), dim=1)  # (2B, D) anchors on this rank
+    local = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2B, D) anchors on this rank, float32 (see _logits)
     b = z1.shape[0]
     all1, all2 = gather_with_grad(local[:b]), gather_with_grad(local[b:])  # (N, D) each, N = B * world
     n = all1.shape[0]
@@ -102,8 +102,8 @@ def infonce_loss(q: Tensor, k: Tensor, temperature: float) -> Tensor:
     if q.shape != k.shape or q.ndim != 2:
         raise ValueError(f"infonce_loss needs two (B, D) tensors of one shape, got {tuple(q.shape)} and "
                          f"{tuple(k.shape)}")
-    q = F.normalize(q, dim=1)
-    keys = gather_with_grad(F.normalize(k, dim=1))  # (N, D), N = B * world
+    q = F.normalize(q.float(), dim=1)  # float32, see _logits
+    keys = gather_with_grad(F.normalize(k.float(), dim=1))  # (N, D), N = B * world
     logits = _logits(q, keys, temperature)  # (B, N)
     labels = torch.arange(q.shape[0], device=q.device) + rank() * q.shape[0]
     return F.cross_entropy(logits, labels) * (2 * temperature)

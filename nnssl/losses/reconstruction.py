@@ -18,8 +18,10 @@ def masked_l1(prediction: Tensor, target: Tensor, voxel_mask: Tensor) -> Tensor:
 
     ``prediction``, ``target``: ``(B, C, X, Y, Z)``; ``voxel_mask``: ``(B, 1, X, Y, Z)`` bool, True = masked.
     Unmasked voxels contribute nothing, whatever the prediction there. With no masked voxel the loss is 0.
+    Computed in float32: under fp16 autocast the count of masked voxels (over 65504 for a batch of 4 at
+    32^3) would overflow to inf and the loss to 0.
     """
-    weight = voxel_mask.to(prediction.dtype)
-    per_voxel = (prediction - target).abs() * weight
+    weight = voxel_mask.float()
+    per_voxel = (prediction.float() - target.float()).abs() * weight
     count = weight.sum() * prediction.shape[1]
     return per_voxel.sum() / count.clamp_min(1.0)

@@ -39,14 +39,21 @@ from torch.utils.checkpoint import checkpoint
 def _cached_constant(maxsize: int):
     """``functools.lru_cache`` for index and mask tensors, always built outside inference mode: a tensor
     cached under ``torch.inference_mode`` (nnssl_cka, nnU-Net's prediction) could not take part in a later
-    training step in the same process."""
+    training step in the same process. Under ``torch.compile`` the cache is bypassed: the tensors are built
+    inside the graph (constants to the compiler), where a Python-side cache would only be a guard hazard."""
     def decorate(fn):
         @functools.lru_cache(maxsize=maxsize)
-        @functools.wraps(fn)
         def cached(*args):
             with torch.inference_mode(False):
                 return fn(*args)
-        return cached
+
+        @functools.wraps(fn)
+        def lookup(*args):
+            if torch.compiler.is_compiling():
+                return fn(*args)
+            return cached(*args)
+        lookup.cache_clear = cached.cache_clear
+        return lookup
     return decorate
 
 
@@ -99,11 +106,13 @@ def relative_bias(attn: WindowAttention, n: int) -> Tensor:
     """The relative position bias ``(heads, n, n)`` of a window of ``n`` tokens, exactly as MONAI gathers it
     (``relative_position_index[:n, :n]``, also when the window is cut to a smaller feature map).
 
-    Without autograd (inference) the gathered bias is cached on the module per ``n`` and table version.
+    Without autograd (inference) the gathered bias is cached on the module per ``n`` and table version;
+    not under ``torch.compile``, where the key (``_version``, ``data_ptr()``) would break the graph and
+    the compiler keeps the gather in the graph anyway.
     """
     table = attn.relative_position_bias_table
     index = attn.relative_position_index[:n, :n].reshape(-1)
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return table.index_select(0, index).view(n, n, -1).permute(2, 0, 1)
     cache = attn.__dict__.setdefault("_nnssl_bias_cache", {})
     key = (n, table._version, table.data_ptr())
@@ -387,9 +396,7 @@ class _InterleaveAdd(torch.autograd.Function):
     def forward(ctx, base: Tensor, parts: Tensor) -> Tensor:
         ctx.mark_dirty(base)
         ctx.parts_shape, ctx.parts_channels_last = parts.shape, _is_channels_last(parts)
-        for fine, coarse in _parity_views(base, parts):
-            fine.add_(coarse)
-        return base
+        return _add_parity_blocks(base, parts)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -398,6 +405,20 @@ class _InterleaveAdd(torch.autograd.Function):
         for fine, coarse in _parity_views(grad, parts):
             coarse.copy_(fine)
         return grad, parts
+
+
+def _interleave_add(base: Tensor, parts: Tensor) -> Tensor:
+    """:class:`_InterleaveAdd` where autograd records it; a plain in-place add without autograd (inference),
+    where ``torch.compile`` cannot trace the autograd function's ``mark_dirty``."""
+    if torch.is_grad_enabled() and (base.requires_grad or parts.requires_grad):
+        return _InterleaveAdd.apply(base, parts)
+    return _add_parity_blocks(base, parts)
+
+
+def _add_parity_blocks(base: Tensor, parts: Tensor) -> Tensor:
+    for fine, coarse in _parity_views(base, parts):
+        fine.add_(coarse)
+    return base
 
 
 def _parity_views(fine: Tensor, parts: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -436,7 +457,7 @@ def up_block(block: UnetrUpBlock, x: Tensor, skip: Tensor) -> Tensor:
     conv1 = res.conv1.conv.weight  # (C, 2C, 3, 3, 3): [upsampled | skip] input channels
     x, skip = _layout(x), _layout(skip)
     out = F.conv3d(skip, conv1[:, c:], padding=1)
-    out = _InterleaveAdd.apply(out, F.conv3d(x, upconv_weight(up, conv1[:, :c]), padding=1))
+    out = _interleave_add(out, F.conv3d(x, upconv_weight(up, conv1[:, :c]), padding=1))
     out = res.lrelu(_layout(_instance_norm(res.norm1, out)))
     out = _instance_norm(res.norm2, res.conv2(out))
     shortcut = res.conv3.conv.weight.flatten(1)  # (C, 2C)

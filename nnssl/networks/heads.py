@@ -66,8 +66,12 @@ class DINOHead(nn.Module):
         self.last_layer.parametrizations.weight.original0.requires_grad = False
 
     def forward(self, x: Tensor) -> Tensor:
-        x = nn.functional.normalize(self.mlp(x), dim=-1)
-        return self.last_layer(x)
+        # float32 from the l2 normalization on, also under autocast: the logits are cosines (|l| <= 1) that
+        # the losses divide by temperatures down to 0.04, where bf16's rounding of 2^-9 would move each
+        # softmax argument by up to 0.05
+        x = self.mlp(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.last_layer(nn.functional.normalize(x.float(), dim=-1))
 
 
 class PooledEncoder(nn.Module):

@@ -3,11 +3,13 @@ command line, then ``--plans-override key=value``. The run folder's ``config.jso
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from nnssl.errors import NnsslError
-from nnssl.methods.registry import method_defaults
+from nnssl.io import load_json
 from nnssl.plans import load_plan, plans_dir
 
 
@@ -40,6 +42,7 @@ class PretrainConfig:
     drop_path_rate: float = 0.1
     amp: str = "auto"  # auto: bf16 (or fp16 + GradScaler) on CUDA, off on CPU; or bf16, fp16, off
     compile: bool = False
+    grad_checkpointing: bool = False  # recompute the Swin blocks in the backward: less memory, more compute
     channels_last: bool = False
     num_workers: int = 4
     device: str = "cuda"
@@ -48,6 +51,8 @@ class PretrainConfig:
     log_every: int = 1
     nonfinite: str = "stop"  # stop: save nothing, exit with an error; skip: drop the step (at most max_skipped)
     max_skipped: int = 20
+    logger: str = "csv"  # csv: log.csv only; tensorboard: event files beside it as well (nnssl.pretrain.tracking)
+    plan_file: str | None = None  # the plan given with --plan; None: the installed plans/pretrain/<method>.json
     probe: str | None = None  # nnU-Net task to probe the encoder on during the run (nnssl.probe.during_pretraining)
     probe_every: int | None = None  # steps between probes; None: as often as 10% of the training time allows
     method_params: dict[str, Any] = field(default_factory=dict)
@@ -63,7 +68,9 @@ class PretrainConfig:
 
 
 FIELD_NAMES = [f.name for f in fields(PretrainConfig)]
-_CHOICES = {"amp": ("auto", "bf16", "fp16", "off"), "nonfinite": ("stop", "skip"), "device": ("cuda", "cpu")}
+_CHOICES = {"amp": ("auto", "bf16", "fp16", "off"), "nonfinite": ("stop", "skip"), "device": ("cuda", "cpu"),
+            "logger": ("csv", "tensorboard")}
+DEFAULT, FLAG, OVERRIDE = "default", "command line", "--plans-override"  # where a setting came from
 
 
 def _coerce(key: str, value: Any, example: Any) -> Any:
@@ -80,19 +87,34 @@ def _coerce(key: str, value: Any, example: Any) -> Any:
 
 
 def resolve_config(method: str, datasets: list[str], cli: dict[str, Any],
-                   overrides: list[str] | None = None) -> PretrainConfig:
-    """Merge defaults <- plans/pretrain/<method>.json <- ``cli`` (None values ignored) <- ``overrides``.
+                   overrides: list[str] | None = None, plan_file: str | os.PathLike | None = None) -> PretrainConfig:
+    """Merge defaults <- the method's plan <- ``cli`` (None values ignored) <- ``overrides``.
 
-    ``overrides`` are ``key=value`` strings; ``method.<name>=value`` sets a method hyperparameter. Unknown keys
-    are errors that list the valid ones.
+    The plan is ``plans/pretrain/<method>.json``, or ``plan_file`` (``--plan``), whose path the config then
+    records. ``overrides`` are ``key=value`` strings; ``method.<name>=value`` sets a method hyperparameter.
+    Unknown keys are errors that list the valid ones.
     """
-    plan_file = plans_dir() / "pretrain" / f"{method}.json"
-    plan = load_plan(f"pretrain/{method}.json") if plan_file.is_file() else {}
+    return resolve_config_with_sources(method, datasets, cli, overrides, plan_file)[0]
+
+
+def resolve_config_with_sources(method: str, datasets: list[str], cli: dict[str, Any],
+                                overrides: list[str] | None = None, plan_file: str | os.PathLike | None = None,
+                                ) -> tuple[PretrainConfig, dict[str, str]]:
+    """:func:`resolve_config`, and where each setting came from (``--print-config``): setting name (method
+    hyperparameters as ``method.<name>``) -> "default", "plan <file>", "command line" or "--plans-override"."""
+    from nnssl.methods.registry import method_defaults  # imports torch: not needed for --help
+
+    plan_path, plan = _load_method_plan(method, plan_file)
+    from_plan = f"plan {plan_path}"
     # description and finetune_encoder (nnssl.plans.finetune_encoder) describe the run; they are not loop settings
     values: dict[str, Any] = {k: v for k, v in plan.items()
                               if not k.startswith("_") and k not in ("description", "finetune_encoder")}
     values["method_params"] = values.pop("method", {})
-    values.update({k: v for k, v in cli.items() if v is not None})
+    sources = {k: from_plan for k in values if k != "method_params"}
+    sources.update({f"method.{k}": from_plan for k in values["method_params"]})
+    given = {k: v for k, v in cli.items() if v is not None}
+    values.update(given)
+    sources.update({k: FLAG for k in given})
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -110,20 +132,43 @@ def resolve_config(method: str, datasets: list[str], cli: dict[str, Any],
                                  f"{sorted(set(FIELD_NAMES) - {'method', 'datasets', 'method_params'})} "
                                  f"or method.<hyperparameter>.")
             values[key] = _coerce(key, raw, getattr(PretrainConfig(method, datasets), key))
+        sources[key] = OVERRIDE
     unknown = sorted(set(values) - set(FIELD_NAMES))
     if unknown:
-        raise NnsslError(f"{plan_file}: unknown setting(s) {unknown}. Valid: {sorted(FIELD_NAMES)} "
+        raise NnsslError(f"{plan_path}: unknown setting(s) {unknown}. Valid: {sorted(FIELD_NAMES)} "
                          f"(method hyperparameters go under \"method\").")
     valid_params = method_defaults(method)
     bad_params = sorted(set(values["method_params"]) - set(valid_params))
     if bad_params:
-        raise NnsslError(f"{plan_file}: method '{method}' has no hyperparameter(s) {bad_params}. "
+        raise NnsslError(f"{plan_path}: method '{method}' has no hyperparameter(s) {bad_params}. "
                          f"Valid: {sorted(valid_params)}.")
     values.pop("method", None)
     values.pop("datasets", None)
+    if plan_file is not None:
+        values["plan_file"] = str(plan_path)
+        sources["plan_file"] = FLAG
     config = PretrainConfig(method=method, datasets=[str(d) for d in datasets], **values)
     _validate(config)
-    return config
+    sources.update({k: FLAG for k in ("method", "datasets")})
+    sources.update({k: DEFAULT for k in FIELD_NAMES if k not in sources and k != "method_params"})
+    sources.update({f"method.{k}": DEFAULT for k in valid_params if f"method.{k}" not in sources})
+    return config, sources
+
+
+def _load_method_plan(method: str, plan_file: str | os.PathLike | None) -> tuple[Path, dict[str, Any]]:
+    """The plan file and its settings: ``plan_file`` if given, else the installed one (``{}`` if it has none)."""
+    if plan_file is None:
+        path = plans_dir() / "pretrain" / f"{method}.json"
+        return path, (load_plan(f"pretrain/{method}.json") if path.is_file() else {})
+    path = Path(plan_file).resolve()
+    if not path.is_file():
+        raise NnsslError(f"--plan {plan_file} does not exist. Start from the installed plan: "
+                         f"cp {plans_dir() / 'pretrain' / f'{method}.json'} {plan_file}")
+    plan = load_json(path, fix=f"fix the edit, or copy {plans_dir() / 'pretrain' / f'{method}.json'} again.")
+    if not isinstance(plan, dict):
+        raise NnsslError(f"--plan {plan_file} must hold a JSON object of settings, like "
+                         f"{plans_dir() / 'pretrain' / f'{method}.json'}.")
+    return path, plan
 
 
 def _validate(config: PretrainConfig) -> None:

@@ -38,17 +38,21 @@ from nnssl import collectives
 from nnssl.pretrain.config import PretrainConfig
 from nnssl.pretrain.run_folder import (FINAL, CsvLog, latest_good_checkpoint, plot_progress, reconcile_with_log,
                                        save_checkpoint)
+from nnssl.pretrain.tracking import open_tracker, require_tensorboard
+from nnssl.provenance import provenance
 from nnssl.pretrain.run_lock import RunLock
 from nnssl.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # one kernel over all parameters instead of ~10 ops per tensor
 # settings a resumed run may change; everything else would change the schedule being continued
-RESUMABLE_CHANGES = {"num_workers", "checkpoint_every", "log_every", "device", "compile", "run", "probe", "probe_every"}
+RESUMABLE_CHANGES = {"num_workers", "checkpoint_every", "log_every", "device", "compile", "run", "probe", "probe_every",
+                     "grad_checkpointing", "logger"}
 
 
 class RunInterrupted(Exception):
-    """SIGINT/SIGTERM arrived; a consistent checkpoint was saved. ``signal_number`` says which."""
+    """SIGINT/SIGTERM/SIGUSR1 arrived (on any rank); a consistent checkpoint was saved. ``signal_number`` says
+    which."""
 
     def __init__(self, message: str, signal_number: int):
         super().__init__(message)
@@ -103,15 +107,19 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # Ctrl-C, kill/scancel, Slurm's --signal=USR1@s
+
+
 class _StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (so a checkpoint is never half-made)."""
+    """Turns SIGINT/SIGTERM/SIGUSR1 into a flag the loop checks between steps (so a checkpoint is never
+    half-made). Under DDP the ranks agree on it once per step (:meth:`Pretrainer._agreed_stop`)."""
 
     def __init__(self):
         self.signal_number: int | None = None
         self._previous = {}
 
     def __enter__(self) -> "_StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -138,6 +146,8 @@ class Pretrainer:
         self.main = self.rank == 0
         self.lr = config.scaled_lr(self.world_size)  # peak lr for this run's global batch
         get_method(config.method)  # unknown method: fail before touching any folder
+        if config.logger == "tensorboard" and self.main:
+            require_tensorboard()
         self.preset: BackbonePreset = get_preset(config.backbone)
         self.patch_size = list(config.patch_size or self.preset.input_size)
         if any(s % self.preset.divisor for s in self.patch_size):
@@ -170,7 +180,8 @@ class Pretrainer:
     def _build(self) -> None:
         config = self.config
         _seed_everything(config.seed)  # identical initial weights on every rank
-        encoder = build_encoder(self.preset, self.corpus.in_channels, drop_path_rate=config.drop_path_rate)
+        encoder = build_encoder(self.preset, self.corpus.in_channels, drop_path_rate=config.drop_path_rate,
+                                use_checkpoint=config.grad_checkpointing)
         self.method: SSLMethod = build_method(config.method, encoder, **config.method_params).to(self.device)
         if config.channels_last and self.device.type == "cuda":
             self.method.to(memory_format=torch.channels_last_3d)
@@ -234,18 +245,23 @@ class Pretrainer:
         self.folder.mkdir(parents=True, exist_ok=True)
         with (RunLock(self.folder, force=self.force_unlock) if self.main else nullcontext()), _StopFlag() as stop:
             if self.main:
-                save_json({**self.config.to_dict(), "lr_scaled": self.lr}, self.folder / "config.json")
+                save_json({**self.config.to_dict(), "lr_scaled": self.lr,
+                           "provenance": provenance(self.device, self.world_size)}, self.folder / "config.json")
             encoder_file = self.folder / "encoder_final.pth"
             if (self.folder / FINAL).is_file() and encoder_file.is_file():
                 log.info("run %s is already finished", self.folder)
                 return RunResult(self.folder, int(load_encoder_file(encoder_file).meta["step"]), encoder_file)
             self._build()
             start = self._restore() if self.resume else 0
-            csv_log = CsvLog(self.folder / "log.csv")
+            csv_log = CsvLog(self.folder / "log.csv",
+                             mirror=open_tracker(self.config.logger, self.folder, start) if self.main else None)
             if self.main:
                 csv_log.truncate_after(start if start else -1)
-            self._train(start, csv_log, stop)
-            self._finish(csv_log)
+            try:
+                self._train(start, csv_log, stop)
+                self._finish(csv_log)
+            finally:
+                csv_log.close()
         return RunResult(self.folder, self.total_steps, self.folder / "encoder_final.pth")
 
     def _batches(self, start: int):
@@ -310,12 +326,13 @@ class Pretrainer:
             bar.update(1)
             if done % config.checkpoint_every == 0 and done < self.total_steps:
                 self._save(done, csv_log)
-            if stop.signal_number is not None:
+            signal_number = self._agreed_stop(stop)
+            if signal_number:
                 self._save(done, csv_log)
                 bar.close()
-                raise RunInterrupted(f"Interrupted by signal {stop.signal_number} at step {done}/{self.total_steps}; "
+                raise RunInterrupted(f"Interrupted by signal {signal_number} at step {done}/{self.total_steps}; "
                                      f"checkpoint saved in {self.folder}. Continue with the same command plus --resume.",
-                                     stop.signal_number)
+                                     signal_number)
         bar.close()
         if self.probe:
             log.info(self.probe.report())
@@ -361,6 +378,17 @@ class Pretrainer:
         value = flag.to(self.device, torch.float32).reshape(1)
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item() > 0)
+
+    def _agreed_stop(self, stop: _StopFlag) -> int:
+        """The stop signal if any rank got one (0: none). A signal may reach one rank only (Slurm signals the
+        batch step, Ctrl-C one terminal), so every rank joins this one all-reduce per step and all stop at the
+        same step; a rank that stopped alone would leave the others waiting in the checkpoint's gather."""
+        local = stop.signal_number or 0
+        if not self.distributed:
+            return local
+        value = torch.tensor([local], device=self.device, dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return int(value.item())
 
     def _handle_nonfinite(self, step: int, skipped: int, outputs: dict[str, torch.Tensor]) -> int:
         self.optimizer.zero_grad(set_to_none=True)

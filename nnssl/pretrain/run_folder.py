@@ -19,6 +19,7 @@ import torch
 
 from nnssl.errors import NnsslError
 from nnssl.io import atomic_path, disk_errors, save_text, save_torch, write_torch
+from nnssl.pretrain.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,12 @@ class CsvLog:
     The last column, ``checkpoint``, is the step of the newest ``checkpoint_latest.pth`` written before the row
     (empty before the first), so that ``--resume`` can tell a checkpoint older than the log says (a rename lost
     in a crash) from the usual case (a checkpoint newer than the last row).
+    A ``mirror`` (e.g. TensorBoard, ``nnssl.pretrain.tracking``) receives every appended row as well.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, mirror: Tracker | None = None):
         self.path = path
+        self.mirror = mirror
         self.columns: list[str] | None = None
         self.last_checkpoint: int | None = None
         if path.is_file() and path.stat().st_size:
@@ -85,6 +88,12 @@ class CsvLog:
             with open(self.path, "a", newline="", encoding="utf-8") as f:
                 csv.DictWriter(f, fieldnames=self.columns).writerow(
                     {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        if self.mirror is not None:
+            self.mirror.append(row)
+
+    def close(self) -> None:
+        if self.mirror is not None:
+            self.mirror.close()
 
 
 def plot_progress(log: CsvLog, path: Path, title: str, terms: list[str]) -> None:

@@ -57,13 +57,13 @@ def _pid_runs(pid: int, start_time: str | None) -> bool:
     return True
 
 
-def owner_alive(owner: dict[str, Any], now: float | None = None) -> str | None:
+def owner_alive(owner: dict[str, Any]) -> str | None:
     """Why ``owner`` (a ``run.owner.json`` record) still holds the folder, or None when it is gone."""
     if owner.get("host") == socket.gethostname():
-        if _pid_runs(int(owner["pid"]), owner.get("process_start")):
+        if _pid_runs(owner["pid"], owner.get("process_start")):
             return f"pid {owner['pid']} on this host ({owner['host']}) is still running"
         return None
-    age = (time.time() if now is None else now) - float(owner.get("heartbeat", 0))
+    age = time.time() - float(owner.get("heartbeat") or 0)
     if age < STALE_AFTER_S:
         return (f"pid {owner['pid']} on host {owner['host']} refreshed its heartbeat {max(age, 0):.0f} s ago (it "
                 f"counts as alive until {STALE_AFTER_S:.0f} s without one)")
@@ -111,7 +111,8 @@ class RunLock:
             owner = load_json(self.owner_path, wait_s=1.0)
         except (OSError, ValueError):
             return None  # absent, or damaged beyond a concurrent write: no usable claim
-        return owner if isinstance(owner, dict) and {"host", "pid"} <= set(owner) else None
+        usable = isinstance(owner, dict) and isinstance(owner.get("pid"), int) and "host" in owner
+        return owner if usable else None
 
     def _claim(self) -> None:
         owner = self._read_owner()

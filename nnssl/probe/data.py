@@ -25,22 +25,9 @@ from nnssl.fewshot import SPLITS_FILENAME, fewshot_cases, load_splits
 from nnssl.io import load_json
 from nnssl.networks.swinunetr import swin_patch_size
 from nnssl.paths import dataset_folder, nnunet_preprocessed
+from nnssl.probe.options import ProbeCases
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ProbeCases:
-    """Which cases of which dataset a probe reads (``--fold``, ``--shots``, ``-c``, ``-p``)."""
-
-    dataset: str | int
-    fold: int = 0
-    shots: int | None = None
-    configuration: str = "3d_fullres"
-    plans: str = "nnUNetPlans"
-    patches_per_case: int = 2
-    voxels_per_patch: int = 2048
-    seed: int = 0  # few-shot case choice (as nnssl_fewshot --seed) and patch positions
 
 
 @dataclass

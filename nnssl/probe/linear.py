@@ -17,7 +17,6 @@ prediction of a case has no Dice there; per class, the mean over the cases where
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -27,20 +26,9 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from nnssl.networks.swin import SwinEncoder
+from nnssl.probe.options import ProbeSettings
 
 PROBE_STAGES = slice(1, 5)  # encoder outputs 1-4: the Swin stages (0 is the patch embedding)
-
-
-@dataclass(frozen=True)
-class ProbeSettings:
-    """How the classifier is fitted and evaluated (``nnssl_probe --steps ...``)."""
-
-    steps: int = 200
-    batch_voxels: int = 4096
-    lr: float = 1e-2
-    seed: int = 0
-    overlap: float = 0.5
-    feature_batch: int = 2  # patches per encoder forward (memory, not results)
 
 
 class LinearProbe(nn.Module):

@@ -4,7 +4,7 @@ nnU-Net 2.8.1 looks for trainer classes in its own package and then in the folde
 ``nnUNet_extTrainer`` environment variable. The ``nnssl_trainers.pth`` file that pip installs into
 site-packages calls :func:`register` at interpreter start-up, which appends this folder to that
 variable (keeping any folders the user listed). nnU-Net then imports ``nnssl_trainer_classes`` from
-here, which re-exports the classes of :mod:`nnssl_trainers.swinunetr`.
+here, which re-exports the classes of :mod:`nnssl_trainers.swinunetr` and :mod:`nnssl_trainers.baseline`.
 """
 import os
 
