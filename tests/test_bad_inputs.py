@@ -219,6 +219,16 @@ CASES = [
     Case("cka-too-few-distinct-patches", "nnssl_cka", ["{scratch}", "{scratch}", "--cases", "1", "--patch-size",
                                                        "512", "512", "512", "-device", "cpu", "-o", "{tmp}/out"],
          "1 case(s) give 1 distinct patch(es)"),
+    # nnssl_probe (the encoder is checked before any data is read)
+    Case("probe-unknown-encoder", "nnssl_probe", ["dinoo", "-d", CT, "-o", "{tmp}/p"], "'dinoo' is neither"),
+    Case("probe-unfinished-run", "nnssl_probe", ["{tmp}/run", "-d", CT, "-o", "{tmp}/p"],
+         "encoder_teacher_final.pth", setup=lambda tmp: _write(tmp / "run" / "config.json", b'{"method": "dino"}')),
+    Case("probe-fold-out-of-range", "nnssl_probe", ["random", "-d", CT, "--fold", "7", "-o", "{tmp}/p"], "--fold 7"),
+    Case("probe-too-many-shots", "nnssl_probe", ["random", "-d", CT, "--shots", "50", "-o", "{tmp}/p"], "--shots 50"),
+    Case("probe-not-preprocessed", "nnssl_probe", ["random", "-d", str(RAW_ONLY_ID), "-o", "{tmp}/p"],
+         str(RAW_ONLY_ID)),
+    Case("pretrain-probe-every-without-probe", "nnssl_pretrain", ["-m", "simmim", "-d", CT, "--probe-every", "5"],
+         "--probe-every needs --probe"),
     # nnssl_report
     Case("report-no-results-var", "nnssl_report", ["-o", "{tmp}/r"], "nnUNet_results", env={"nnUNet_results": None}),
     Case("report-unknown-dataset", "nnssl_report", ["444", "-o", "{tmp}/r"], "444"),

@@ -82,8 +82,8 @@ def fingerprint(encoder: SwinEncoder) -> str:
     return encoder_fingerprint(encoder_state_dict(encoder))
 
 
-def pretrained_encoder(spec: str, in_channels: int) -> Encoder:
-    path = resolve_encoder_file(spec)
+def pretrained_encoder(spec: str, path: Path, in_channels: int) -> Encoder:
+    """The encoder file ``path`` (that ENCODER ``spec`` named) built for ``in_channels`` inputs."""
     checkpoint = load_encoder_file(path)
     network = build_pretrained_encoder(checkpoint, in_channels)
     info = {"spec": spec, "path": str(path.resolve()), "method": checkpoint.method,
@@ -133,8 +133,9 @@ def run_probe(encoder: str, cases: ProbeCases, output: str | os.PathLike, settin
     """
     settings = settings or ProbeSettings()
     torch_device = _device(device)
+    path = None if encoder == RANDOM else resolve_encoder_file(encoder)  # a bad ENCODER fails before reading data
     data = load_probe_data(cases)
-    probed = None if encoder == RANDOM else pretrained_encoder(encoder, data.in_channels)
+    probed = None if path is None else pretrained_encoder(encoder, path, data.in_channels)
     if probed is not None and backbone and backbone != probed.info["backbone"]:
         raise NnsslError(f"--backbone {backbone}: the encoder {probed.info['path']} has backbone "
                          f"'{probed.info['backbone']}', and the random baseline takes the encoder's. Drop --backbone.")
