@@ -91,7 +91,10 @@ def load_cluster(path: str | Path | None, overrides: dict[str, Any]) -> ClusterS
     """The ``cluster`` section of ``path`` (if given and present), then every override that is not None."""
     values: dict[str, Any] = {}
     if path is not None:
-        data = load_json(path)
+        if not Path(path).is_file():
+            raise NnsslError(f"{path} does not exist: --cluster (or --plan) names a JSON file with a \"cluster\" "
+                             f"section, e.g. {{\"cluster\": {{\"partition\": \"gpu\", \"time\": \"1-00:00:00\"}}}}.")
+        data = load_json(path, fix="fix the JSON syntax (python -m json.tool FILE shows where it breaks).")
         section = data.get("cluster", {}) if isinstance(data, dict) else None
         if not isinstance(section, dict):
             raise NnsslError(f"{path}: 'cluster' must be an object of settings such as "
