@@ -4,7 +4,7 @@
 learning rate, deep supervision: nothing changed) whose number of epochs and iterations per epoch come from
 the ``nnssl_num_epochs`` and ``nnssl_iterations_per_epoch`` knobs, so a shortened study (the demo,
 ``finetune_env`` in a plan) shortens its baseline the same way as its SwinUNETR runs. Like nnssl's trainers
-it honours ``OMP_NUM_THREADS`` on the CPU. At paper scale, name plain ``nnUNetTrainer`` as the baseline.
+it honours ``OMP_NUM_THREADS`` on the CPU and saves when it is told to stop (SIGTERM, Slurm's signal). At paper scale, name plain ``nnUNetTrainer`` as the baseline.
 """
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnssl.errors import exit_on_user_error
 from nnssl_trainers.knobs import env_positive
+from nnssl_trainers.preemption import SaveOnSignal
 
 
-class nnUNetTrainer_nnsslSchedule(nnUNetTrainer):
+class nnUNetTrainer_nnsslSchedule(SaveOnSignal, nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)

@@ -70,6 +70,7 @@ from nnssl.schedules import EpochWarmupCosineLR
 from nnssl_trainers.alignment import check_alignment, describe_alignment
 from nnssl_trainers.imported import ENCODER_FILE_ENV, IMPORTED, imported_encoder_file
 from nnssl_trainers.knobs import check_environment, chosen_encoder, env_flag, env_positive
+from nnssl_trainers.preemption import SaveOnSignal
 from nnssl_trainers.seeding import DEFAULT_SEED, env_seed, ordered_augmenters, seed_everything
 from nnssl_trainers.shared_files import safe_shared_json
 
@@ -88,7 +89,7 @@ def encoder_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-class SwinUNETR_Scratch_Trainer(nnUNetTrainer):
+class SwinUNETR_Scratch_Trainer(SaveOnSignal, nnUNetTrainer):
     """SwinUNETR fine-tuning recipe for nnU-Net; randomly initialised. Subclasses set ``pretrain_method``.
 
     Recipe (the SwinUNETR/SMIT fine-tuning setup inside nnU-Net's loop, data augmentation and

@@ -262,3 +262,32 @@ def test_damaged_nnunet_checkpoint_is_a_clear_error(finetuned, simmim_encoder, s
         with pytest.raises(SystemExit):
             trainer.load_checkpoint(str(path))
         assert re.search(message, capsys.readouterr().err)
+
+
+def test_sigterm_saves_and_continue_restarts_the_interrupted_epoch(ct_task, tmp_path):
+    """SIGTERM in epoch 1 (Slurm's time limit as nnssl_benchmark passes it on, kill, Ctrl-C in the executor): the
+    trainer saves checkpoint_latest.pth after its iteration and exits 143, though nnssl_save_every would not have
+    saved for 100 epochs; --c restarts epoch 1 and finishes."""
+    env = {"nnUNet_results": str(tmp_path), "nnssl_num_epochs": "3", "nnssl_iterations_per_epoch": "40",
+           "nnssl_save_every": "100"}
+    fold = tmp_path / ct_task.dataset / "SwinUNETR_Scratch_Trainer__nnUNetPlans__3d_fullres" / "fold_0"
+    command = [str(BIN / "nnUNetv2_train"), str(ct_task.dataset_id), "3d_fullres", "0", "-tr",
+               "SwinUNETR_Scratch_Trainer", "-device", "cpu"]
+    log = tmp_path / "first_run.txt"
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=output,
+                                   stderr=subprocess.STDOUT)
+        deadline = time.time() + 600
+        while "Epoch 1" not in log.read_text(encoding="utf-8") and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=600)
+    text = log.read_text(encoding="utf-8")
+    assert process.returncode == 128 + signal.SIGTERM, text[-3000:]
+    assert "nnssl: SIGTERM in epoch 1: saving checkpoint_latest.pth" in text
+    assert torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)["current_epoch"] == 1
+    resumed = run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "0", "-tr", "SwinUNETR_Scratch_Trainer",
+                      "-device", "cpu", "--c", env={**env, "nnssl_iterations_per_epoch": "1"})
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 3 and len(final["logging"]["train_losses"]) == 3
+    assert "Epoch 1" in resumed.stdout and "Epoch 0" not in resumed.stdout
