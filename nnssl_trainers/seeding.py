@@ -52,6 +52,9 @@ def _seeding_loader(data_loader: Any, seeds: list[int]) -> Any:
     set_thread_id = data_loader.set_thread_id
 
     def seeded_set_thread_id(thread_id: int) -> None:
+        # one intra-op thread, as nnU-Net's own augmenter sets: torch's thread pool does not survive the fork,
+        # and a forked worker that calls into it (GaussianBlurTransform's convolutions) hangs
+        torch.set_num_threads(1)
         seed_everything(seeds[thread_id])
         set_thread_id(thread_id)
 
