@@ -57,7 +57,7 @@ def test_report_sets_probe_dice_beside_finetuning_dice_with_their_rank_correlati
     assert correlations[0]["spearman_rho"] == pytest.approx(0.8)
 
 
-def _supervised_encoder(task_id: int, path, steps: int = 40):
+def _supervised_encoder(task_id: int, path, steps: int = 150):
     """A tiny encoder trained with labels through the probe's own classifier: the 'made to fit' encoder."""
     data = load_probe_data(ProbeCases(dataset=task_id, patches_per_case=2, voxels_per_patch=4096, seed=1))
     torch.manual_seed(1)
