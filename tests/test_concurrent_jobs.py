@@ -19,6 +19,7 @@ import pytest
 
 from conftest import BIN, run_cli
 from nnssl.fewshot import FEWSHOT_FILENAME, SPLITS_FILENAME, add_fewshot_folds
+from test_fewshot import write_preprocessed
 
 SOAK_FOLDS, SOAK_ROUNDS = 6, 5
 TRAINER = "SwinUNETR_Scratch_Trainer"
@@ -134,8 +135,8 @@ def test_six_folds_started_at_once_five_times(ct_task, own_preprocessed, tmp_pat
 def test_two_fewshot_processes_at_once_keep_every_fold(tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
     dataset = tmp_path / "Dataset124_Toy"
-    dataset.mkdir()
     cases = [f"case_{i:02d}" for i in range(20)]
+    write_preprocessed(dataset, {c: {1 + i % 4} for i, c in enumerate(cases)})  # selection reads class locations
     splits = [{"train": [c for i, c in enumerate(cases) if i % 5 != k], "val": cases[k::5]} for k in range(5)]
     (dataset / SPLITS_FILENAME).write_text(json.dumps(splits, indent=4))
     commands = [[str(BIN / "nnssl_fewshot"), "124", "--shots", shots] for shots in ("1", "5")]
