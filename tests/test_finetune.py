@@ -78,8 +78,9 @@ def test_missing_checkpoint_names_searched_paths_and_command(ct_task, tmp_path):
     result = run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "0", "-tr", "SwinUNETR_DINO_Trainer",
                      "-device", "cpu", env={"nnssl_results": str(tmp_path)}, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"nnUNetv2_train: error: No pretrained 'dino' encoder found. Searched: {tmp_path}/dino/*/encoder_final.pth" \
-        in result.stderr
+    # DINO fine-tunes its EMA teacher (plans/pretrain/dino.json finetune_encoder), so the teacher's file is searched
+    assert (f"nnUNetv2_train: error: No pretrained 'dino' encoder found. Searched: "
+            f"{tmp_path}/dino/*/encoder_teacher_final.pth") in result.stderr
     assert "Create one with: nnssl_pretrain -m dino -d <corpus dataset id>" in result.stderr
 
 
