@@ -87,8 +87,9 @@ def dataset_folder(root: Path, dataset: str | int, root_variable: str) -> Path:
 def preprocessed_dataset(dataset: str | int, configuration: str = "3d_fullres") -> Path:
     """``$nnUNet_preprocessed/DatasetXXX_Name``; a dataset that is only in ``$nnUNet_raw`` gets an error that
     says which nnU-Net command preprocesses it."""
+    root = nnunet_preprocessed()  # unset or missing: that error, not "not preprocessed"
     try:
-        return dataset_folder(nnunet_preprocessed(), dataset, "nnUNet_preprocessed")
+        return dataset_folder(root, dataset, "nnUNet_preprocessed")
     except NnsslError:
         raw_root = os.environ.get("nnUNet_raw")
         try:

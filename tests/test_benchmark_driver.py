@@ -258,6 +258,10 @@ def test_fewshot_check_compares_fewshot_json_with_the_planned_folds(results_tree
     command = ("nnssl_fewshot", "515", "--shots", "5")
     job = Job("fewshot/Dataset515_CHAOS/seed0", "fewshot", command, expects=((5, 0, 5, 0), (6, 1, 5, 0)))
     assert check_fewshot(job, results_tree.preprocessed_dir) is None
+    fewshot_json = results_tree.preprocessed_dir / "Dataset515_CHAOS" / "fewshot.json"
+    written = json.loads(fewshot_json.read_text())  # as nnssl_fewshot writes it now: with notes on each fold
+    _json(fewshot_json, {"version": 2, "folds": {k: {**v, "uncovered_labels": [3]} for k, v in written["folds"].items()}})
+    assert check_fewshot(job, results_tree.preprocessed_dir) is None
     wrong = Job(job.id, "fewshot", command, expects=((5, 0, 10, 0),))
     assert "does not give fold 5 to 10-shot/base fold 0/seed 0" in check_fewshot(wrong, results_tree.preprocessed_dir)
 

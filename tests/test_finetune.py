@@ -89,7 +89,7 @@ def test_encoder_choice_order(start, tmp_path):
     newer = make_encoder(tmp_path / "results" / "smit" / "run_b" / "encoder_final.pth", seed=2)
     os.utime(older, (time.time() - 60, time.time() - 60))
     given = make_encoder(tmp_path / "elsewhere" / "encoder_final.pth", seed=3)
-    env = {"nnssl_results": str(tmp_path / "results")}
+    env = {"nnssl_results": str(tmp_path / "results"), "nnUNet_results": str(tmp_path / "nnUNet_results")}
     for pretrained, run, expected in ((None, None, newer), (None, "run_a", older), (given, "run_a", given)):
         trainer = start("SwinUNETR_SMIT_Trainer", 3, pretrained, nnssl_run=run, **env)
         record = trainer.nnssl_settings["pretrained"]
@@ -143,7 +143,8 @@ def test_bad_encoders_are_clear_errors(start, tmp_path, capsys):
     for case, (trainer, name, message) in bad_encoders(tmp_path).items():
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
-            start(trainer, 4, tmp_path / name, nnssl_results=str(tmp_path))
+            start(trainer, 4, tmp_path / name, nnssl_results=str(tmp_path),
+                  nnUNet_results=str(tmp_path / "nnUNet_results"))  # a refused fold_4 stays out of the shared model
         error = capsys.readouterr().err
         assert exit_info.value.code == 2, case
         assert error.startswith("nnUNetv2_train: error: ") and re.search(message, error), (case, error)

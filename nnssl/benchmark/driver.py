@@ -128,6 +128,11 @@ def gpu_slots(count: int | None) -> list[str]:
     return visible[:count] if visible else [str(i) for i in range(count)]
 
 
+def _fold_key(entry: dict | None) -> tuple | None:
+    """What identifies a few-shot fold; other fields of its entry (e.g. uncovered_labels) are notes on it."""
+    return None if entry is None else (entry["base_fold"], entry["shots"], entry["seed"])
+
+
 def check_fewshot(job: Job, preprocessed: Path) -> str | None:
     """After ``nnssl_fewshot`` ran: do the folds in fewshot.json match those the fine-tuning jobs were given?"""
     if job.kind != "fewshot":
@@ -135,7 +140,7 @@ def check_fewshot(job: Job, preprocessed: Path) -> str | None:
     folder = dataset_folder(preprocessed, job.command[1], "nnUNet_preprocessed")  # as nnssl_fewshot resolves it
     recorded = load_fewshot(folder)
     wrong = [(fold, base, shots, seed) for fold, base, shots, seed in job.expects
-             if recorded.get(str(fold)) != {"base_fold": base, "shots": shots, "seed": seed}]
+             if _fold_key(recorded.get(str(fold))) != (base, shots, seed)]
     if wrong:
         fold, base, shots, seed = wrong[0]
         return (f"fewshot.json of {folder.name} does not give fold {fold} to {shots}-shot/base fold {base}/seed {seed} "
