@@ -77,7 +77,7 @@ def _run_method(folder: Path) -> str:
 
 
 def fingerprint(encoder: SwinEncoder) -> str:
-    from nnssl_trainers.swinunetr import encoder_fingerprint
+    from nnssl_trainers.pretrained_encoder import encoder_fingerprint
 
     return encoder_fingerprint(encoder_state_dict(encoder))
 
