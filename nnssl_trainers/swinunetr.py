@@ -60,13 +60,14 @@ from nnssl.networks import BackbonePreset, build_swinunetr, get_preset
 from nnssl.networks.swinunetr import swin_patch_size
 from nnssl.paths import nnunet_results
 from nnssl.provenance import provenance
+from nnssl.random_state import seed_everything
 from nnssl.schedules import EpochWarmupCosineLR
 from nnssl_trainers.imported import IMPORTED
 from nnssl_trainers.knobs import PROG, check_environment, env_flag, env_positive
 from nnssl_trainers.nnunet_checkpoints import NnunetCheckpoints
 from nnssl_trainers.preemption import SaveOnSignal
 from nnssl_trainers.pretrained_encoder import PretrainedEncoder
-from nnssl_trainers.seeding import DEFAULT_SEED, env_seed, ordered_augmenters, seed_everything
+from nnssl_trainers.seeding import DEFAULT_SEED, env_seed, ordered_augmenters
 from nnssl_trainers.shared_files import safe_shared_json
 
 PLANS_KEY = "nnssl"  # our section inside the configuration of the plans the trainer saves
