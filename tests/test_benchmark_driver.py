@@ -13,7 +13,8 @@ from nnssl.benchmark import allocation, driver
 from nnssl.benchmark.allocation import local_share, share_env
 from nnssl.benchmark.driver import check_fewshot, cpu_slots, gpu_slots, run_benchmark
 from nnssl.benchmark.executor import ALREADY_DONE, FAILED, OK, SKIPPED, format_summary, run_jobs
-from nnssl.benchmark.jobs import DONE, NEW, RESUME, DiskState, Job, Settings, plan_study, select
+from nnssl.benchmark.jobs import Job, Settings, plan_study, select
+from nnssl.benchmark.results_state import DONE, NEW, RESUME, DiskState
 from nnssl.benchmark.study import load_study
 from nnssl.errors import NnsslError
 

@@ -2,7 +2,8 @@
 
 :func:`plan_study` is pure: given the study (``plans/benchmark.json``), a selection, settings and a
 :class:`ResultsState` (what is already on disk), it returns every job with its exact command, whether it is
-``new``, to ``resume`` or ``done``, and its dependencies. Reading the disk is :class:`DiskState`'s job;
+``new``, to ``resume`` or ``done``, and its dependencies. Reading the disk is
+:class:`~nnssl.benchmark.results_state.DiskState`'s job;
 running is :mod:`nnssl.benchmark.executor`'s.
 
 Jobs, in the order they are listed (and started when their dependencies allow):
@@ -26,16 +27,14 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
 
 from nnssl.align_plans import CORPUS_PLANS
 from nnssl.benchmark.budget import Budget, method_budget
+from nnssl.benchmark.results_state import DONE, NEW, RESUME, ResultsState
 from nnssl.benchmark.study import BaselineSpec, Study, TaskSpec
 from nnssl.errors import NnsslError
-from nnssl.fewshot import FEWSHOT_FILENAME, NUM_MANY_SHOT_FOLDS, SPLITS_FILENAME, plan_fewshot_folds
-from nnssl.io import load_json
+from nnssl.fewshot import NUM_MANY_SHOT_FOLDS, plan_fewshot_folds
 
-NEW, RESUME, DONE = "new", "resume", "done"
 MANY_SHOT = "all"  # the --shots value of nnU-Net's folds 0-4
 KINDS = ("prepare", "plan", "pretrain", "probe", "fewshot", "finetune", "cka", "report")
 
@@ -102,20 +101,6 @@ class StudyPlan:
     jobs: list[Job]
     missing: list[str] = field(default_factory=list)  # inputs no job can make; each says what to run
     budgets: dict[str, Budget] = field(default_factory=dict)  # pretraining budget per method
-
-
-class ResultsState(Protocol):
-    """What the planner needs to know about the disk."""
-
-    def raw_ready(self, dataset: str) -> bool: ...
-    def preprocessed(self, dataset: str, plans: str | None = None) -> bool: ...  # None: the study's plans
-    def fewshot(self, dataset: str) -> tuple[dict[str, dict], int]: ...  # fewshot.json folds, folds in splits
-    def pretrain(self, method: str, run: str) -> str: ...
-    def finetune(self, dataset: str, trainer: str, fold: int, plans: str | None = None,
-                 configuration: str | None = None) -> str: ...
-    def model_folder(self, dataset: str, trainer: str, plans: str | None = None,
-                     configuration: str | None = None) -> Path: ...
-    def file_exists(self, path: Path) -> bool: ...
 
 
 def select(study: Study, tasks: list[str] | None = None, methods: list[str] | None = None,
@@ -365,70 +350,3 @@ def _cka_job(study: Study, task: TaskSpec, trainer: str, shots: int, base: int, 
     done = state.file_exists(out / "cka.json")
     return Job(f"cka/{task.dataset}/{trainer}/{shots}shot_fold{base}_seed{seed}", "cka", command,
                DONE if done else NEW, deps=_ids(*pair), gpu=True)
-
-
-# -- what is on disk ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DiskState:
-    """:class:`ResultsState` read from nnU-Net's and nnssl's folders (missing folders: nothing is done)."""
-
-    raw_dir: Path
-    preprocessed_dir: Path
-    results_dir: Path
-    nnssl_results_dir: Path
-    study: Study
-
-    def raw_ready(self, dataset: str) -> bool:
-        from nnssl.benchmark.raw_dataset import is_complete
-
-        return is_complete(self.raw_dir / dataset)
-
-    def preprocessed(self, dataset: str, plans: str | None = None) -> bool:
-        """``plans`` (default: the study's) written and one preprocessed case (``.pkl``, nnU-Net writes it last) per
-        training case."""
-        folder = self.preprocessed_dir / dataset
-        plans, meta = folder / f"{plans or self.study.plans_identifier}.json", folder / "dataset.json"
-        if not plans.is_file() or not meta.is_file():
-            return False
-        try:
-            expected = load_json(meta)["numTraining"]
-            data = load_json(plans)["configurations"][self.study.configuration]["data_identifier"]
-        except (ValueError, KeyError):
-            return False
-        return len(list((folder / data).glob("*.pkl"))) == expected
-
-    def fewshot(self, dataset: str) -> tuple[dict[str, dict], int]:
-        from nnssl.fewshot import load_fewshot
-
-        folder = self.preprocessed_dir / dataset
-        splits = folder / SPLITS_FILENAME
-        try:
-            num_splits = len(load_json(splits)) if splits.is_file() else 0
-        except ValueError:
-            raise NnsslError(f"{splits} is damaged; restore it or delete it with {FEWSHOT_FILENAME}.") from None
-        return load_fewshot(folder), num_splits
-
-    def pretrain(self, method: str, run: str) -> str:
-        folder = self.nnssl_results_dir / method / run
-        if (folder / "encoder_final.pth").is_file():
-            return DONE
-        return RESUME if (folder / "config.json").is_file() else NEW
-
-    def model_folder(self, dataset: str, trainer: str, plans: str | None = None,
-                     configuration: str | None = None) -> Path:
-        """nnU-Net's trained-model folder ``$nnUNet_results/DatasetXXX/<trainer>__<plans>__<configuration>``
-        (the study's plans and configuration unless given)."""
-        return self.results_dir / dataset / (f"{trainer}__{plans or self.study.plans_identifier}__"
-                                             f"{configuration or self.study.configuration}")
-
-    def finetune(self, dataset: str, trainer: str, fold: int, plans: str | None = None,
-                 configuration: str | None = None) -> str:
-        folder = self.model_folder(dataset, trainer, plans, configuration) / f"fold_{fold}"
-        final = (folder / "checkpoint_final.pth").is_file()
-        if final and (folder / "validation" / "summary.json").is_file():
-            return DONE
-        # --c continues from checkpoint_latest.pth, or only validates when checkpoint_final.pth exists
-        return RESUME if final or (folder / "checkpoint_latest.pth").is_file() else NEW
-
-    def file_exists(self, path: Path) -> bool:
-        return path.is_file()
