@@ -99,6 +99,7 @@ def write_results(results, preprocessed):
         (preprocessed / dataset).mkdir(parents=True)
         if dataset != "Dataset803_MRa":
             save_json(FEWSHOT, preprocessed / dataset / "fewshot.json")
+            (preprocessed / dataset / ".splits_final.json.lock").touch()
         for method, folds in methods.items():
             model = results / dataset / f"{TRAINERS[method]}__nnUNetPlans__3d_fullres"
             model.mkdir(parents=True)
@@ -108,6 +109,7 @@ def write_results(results, preprocessed):
                        "configurations": {"3d_fullres": {"patch_size": [32, 64, 96], "nnssl": settings}}},
                       model / "plans.json")
             save_json(dataset_json, model / "dataset.json")
+            (model / ".plans.json.lock").touch()  # as nnssl.io.locked leaves them: not data
             for fold, content in folds.items():
                 write_fold(model, dataset, TRAINERS[method], fold, content,
                            CURVES.get((dataset, method, fold), DEFAULT_CURVE))

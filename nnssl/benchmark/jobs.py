@@ -12,8 +12,9 @@ Jobs, in the order they are listed (and started when their dependencies allow):
 - ``plan``: ``nnUNetv2_plan_and_preprocess -d ID -c 3d_fullres --verify_dataset_integrity`` per dataset;
 - ``pretrain``: ``nnssl_pretrain -m M -d 501 --backbone paper --run paper_d501`` per method (``--resume``
   when the run folder exists without ``encoder_final.pth``);
-- ``probe``: ``nnssl_probe M -d ID -o ...`` per method (``random`` for scratch) on the plan's probe task, if it
-  names one; fine-tuning starts after it, whatever its outcome;
+- ``probe``: ``nnssl_probe random -d ID -o ...`` once, then ``nnssl_probe M -d ID -o ... --random-from ...`` per
+  pretrained method (sharing that random baseline) on the plan's probe task, if it names one; fine-tuning starts
+  after them, whatever their outcome;
 - ``fewshot``: ``nnssl_fewshot ID --shots ... --folds 0 1 2 3 4 --seed S`` per task and seed;
 - ``finetune``: ``nnUNetv2_train ID 3d_fullres FOLD -tr SwinUNETR_<M>_Trainer`` per task, trainer and fold
   (``--c`` when a checkpoint exists; done when ``checkpoint_final.pth`` and ``validation/summary.json``
@@ -36,6 +37,7 @@ from nnssl.errors import NnsslError
 from nnssl.fewshot import NUM_MANY_SHOT_FOLDS, plan_fewshot_folds
 
 MANY_SHOT = "all"  # the --shots value of nnU-Net's folds 0-4
+RANDOM_PROBE = "random"  # nnssl_probe's ENCODER for the randomly initialised encoder scratch starts from
 KINDS = ("prepare", "plan", "pretrain", "probe", "fewshot", "finetune", "cka", "report")
 
 
@@ -180,15 +182,16 @@ def plan_study(study: Study, selection: Selection, settings: Settings, state: Re
 
 
 def probe_root(settings: Settings) -> Path:
-    """Where the study's probe jobs write: ``<output>/probe/<dataset>/<method>/probe.json``."""
+    """Where the study's probe jobs write: ``<output>/probe/<dataset>/<method or random>/probe.json``."""
     return settings.output / "probe"
 
 
 def _probe_jobs(study: Study, selection: Selection, settings: Settings, state: ResultsState,
                 plan_jobs: dict[str, Job], pretrain_jobs: dict[str, Job], corpus_job: Job | None,
                 plan: StudyPlan) -> list[Job]:
-    """``nnssl_probe`` of each selected method's study encoder (``random`` for scratch) on the probe task."""
-    if study.probe_task is None:
+    """``nnssl_probe`` of each selected method's study encoder on the probe task, after one probe of ``random``
+    (scratch's starting point) whose result every method's probe.json takes as its baseline (``--random-from``)."""
+    if study.probe_task is None or not selection.methods:
         return []
     task = study.tasks[study.probe_task]
     plan_job = plan_jobs.get(task.key)
@@ -196,18 +199,21 @@ def _probe_jobs(study: Study, selection: Selection, settings: Settings, state: R
         plan_job = (_align_job(study, task, state, corpus_job) if study.aligned
                     else _plan_job(study, task.dataset_id, task.dataset, state))
         plan.jobs.append(plan_job)
-    jobs = []
-    for name in selection.methods:
-        method = study.methods[name]
+    options = [*_device_flag(settings), *study.probe_args]
+    options += ["-p", study.plans_identifier] if study.plans_identifier != CORPUS_PLANS else []  # fine-tuning's
+    random_out = probe_root(settings) / task.dataset / RANDOM_PROBE
+    jobs = [Job(f"probe/{task.dataset}/{RANDOM_PROBE}", "probe",
+                ("nnssl_probe", RANDOM_PROBE, "-d", str(task.dataset_id), "-o", str(random_out), *options,
+                 "--backbone", study.backbone),
+                DONE if state.file_exists(random_out / "probe.json") else NEW, deps=_ids(plan_job), gpu=True)]
+    for name in (m for m in selection.methods if study.methods[m].pretrained):
         out = probe_root(settings) / task.dataset / name
-        command = ["nnssl_probe", name if method.pretrained else "random", "-d", str(task.dataset_id), "-o", str(out),
-                   *_device_flag(settings), *study.probe_args]
-        command += ["-p", study.plans_identifier] if study.plans_identifier != CORPUS_PLANS else []  # fine-tuning's
-        command += [] if method.pretrained else ["--backbone", study.backbone]
-        env = (("nnssl_run", study.corpus_run),) if method.pretrained else ()  # the study's run, not the newest
-        jobs.append(Job(f"probe/{task.dataset}/{name}", "probe", tuple(command),
+        command = ("nnssl_probe", name, "-d", str(task.dataset_id), "-o", str(out), *options,
+                   "--random-from", str(random_out / "probe.json"))
+        jobs.append(Job(f"probe/{task.dataset}/{name}", "probe", command,
                         DONE if state.file_exists(out / "probe.json") else NEW,
-                        deps=_ids(plan_job, pretrain_jobs.get(name)), env=env, gpu=True))
+                        deps=_ids(plan_job, pretrain_jobs.get(name), jobs[0]),
+                        env=(("nnssl_run", study.corpus_run),), gpu=True))  # the study's run, not the newest
     plan.jobs += jobs
     return jobs
 
