@@ -270,7 +270,8 @@ def test_sigterm_saves_and_continue_restarts_the_interrupted_epoch(ct_task, tmp_
     """SIGTERM in epoch 1 (Slurm's time limit as nnssl_benchmark passes it on, kill, Ctrl-C in the executor): the
     trainer saves checkpoint_latest.pth after its iteration and exits 143, though nnssl_save_every would not have
     saved for 100 epochs; --c restarts epoch 1 and finishes."""
-    env = {"nnUNet_results": str(tmp_path), "nnssl_num_epochs": "3", "nnssl_iterations_per_epoch": "40",
+    # 6 iterations: epoch 1 is still training when the signal arrives (acted on after a training iteration)
+    env = {"nnUNet_results": str(tmp_path), "nnssl_num_epochs": "3", "nnssl_iterations_per_epoch": "6",
            "nnssl_save_every": "100"}
     fold = tmp_path / ct_task.dataset / "SwinUNETR_Scratch_Trainer__nnUNetPlans__3d_fullres" / "fold_0"
     command = [str(BIN / "nnUNetv2_train"), str(ct_task.dataset_id), "3d_fullres", "0", "-tr",
