@@ -85,7 +85,7 @@ def test_aligned_plans_train_predict_continue_and_report(ct_task, pretrain_corpu
     predictions = tmp_path / "predictions"
     run_cli("nnUNetv2_predict", "-i", ct_task.raw / "imagesTs", "-o", predictions, "-d", ct_task.dataset_id,
             "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-p", "nnsslPlans", "-device", "cpu", "-npp", "1", "-nps", "1",
-            timeout=SLOW)
+            "--disable_tta", timeout=SLOW)
     assert len(list(predictions.glob("*.nii.gz"))) == 2
     run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "0", "-tr", TRAINER, "-p", "nnsslPlans",
             "-device", "cpu", "--c", env=env, timeout=SLOW)
