@@ -152,10 +152,10 @@ def test_view_specs_follow_the_papers():
     # None: half the patch on the 32-voxel grid, 64^3 at the paper's 128^3
     assert ViewMaker(dino, (128, 128, 128), 2).local_size == (64, 64, 64)
     assert ViewMaker(dino, (64, 96, 160), 2).local_size == (32, 32, 64)
-    assert dino.augment == "multicrop"
+    assert dino.augment == "asymmetric"
     # iBOT's released Swin run: 10 local crops, pred_ratio 0 / 0.3 +- 0.2 per view, DINO's augmentation
     ibot = build_method("ibot", encoder, **SMALL_HEADS).view_spec()
-    assert (ibot.global_views, ibot.local_views, ibot.augment) == (2, 10, "multicrop")
+    assert (ibot.global_views, ibot.local_views, ibot.augment) == (2, 10, "asymmetric")
     assert (ibot.mask.ratio, ibot.mask.p_unmasked, ibot.mask.block_size) == ((0.1, 0.5), 0.5, 16)
     smit = build_method("smit", encoder, **SMALL_HEADS).view_spec()
     assert (smit.global_views, smit.mask.ratio, smit.mask.block_size) == (2, (0.7, 0.7), 16)

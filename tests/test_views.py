@@ -2,6 +2,9 @@
 inpainting corruption each method's plan cites (DataAugmentationDINO, iBOT's loader, Tang et al.'s ops.py)."""
 from __future__ import annotations
 
+import functools
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -76,6 +79,37 @@ def _probabilities(transform, kind) -> list[float]:
     return [t.apply_probability if isinstance(t, RandomTransform) else t.p_invert_image
             for t in transform.transforms
             if isinstance(getattr(t, "transform", t), kind)]
+
+
+def _count_applications(augment, view: int, counts: Counter) -> None:
+    """Make the blur and inversion in ``augment`` count under ``counts[(effect, view)]`` whenever they act on
+    an image, instead of computing (the image passes through: only how often each acts is of interest)."""
+    def record(key, img, **params):
+        counts[key] += key[0] == "blur" or bool(params["apply"])  # inversion decides inside, blur outside
+        return img
+
+    for transform in augment.transforms:
+        inner = getattr(transform, "transform", transform)
+        if isinstance(inner, (GaussianBlurTransform, InvertImageTransform)):
+            effect = "blur" if isinstance(inner, GaussianBlurTransform) else "solarize"
+            inner._apply_to_image = functools.partial(record, (effect, view))
+
+
+def test_byol_views_are_augmented_asymmetrically():
+    # BYOL's Table 6 (deepmind-research byol/utils/augmentations.py; moco-v3 main_moco.py takes it, and
+    # test_methods_contrastive.py::test_view_specs checks mocov3's spec is byol's): Gaussian blur on view 1
+    # always and on view 2 at p 0.1; solarization never on view 1 and on view 2 at p 0.2. The view maker
+    # augments view i with global_augments[i - 1]; drawn here on a tiny image (the crop is not in question).
+    np.random.seed(5)
+    torch.manual_seed(5)
+    counts, draws = Counter(), 1000
+    for view, augment in enumerate(_view_maker("byol").global_augments, start=1):
+        _count_applications(augment, view, counts)
+        for _ in range(draws):
+            augment(image=torch.randn(1, 4, 4, 4))
+    assert counts[("blur", 1)] == draws and counts[("solarize", 1)] == 0
+    assert 0.07 <= counts[("blur", 2)] / draws <= 0.13  # 1,000 draws: p 0.1 +- 3 standard deviations
+    assert 0.16 <= counts[("solarize", 2)] / draws <= 0.24
 
 
 @pytest.mark.parametrize("method", ["dino", "ibot"])

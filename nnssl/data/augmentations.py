@@ -3,24 +3,28 @@
 Three schemes, named by :attr:`nnssl.data.spec.ViewSpec.augment`:
 
 - ``light``: flips and a mild brightness scale (masked-image and rotation methods).
-- ``strong``: the contrastive methods' flips, quarter turns, brightness scale and shift, contrast, gamma,
-  Gaussian noise and blur, each at random.
-- ``multicrop``: DINO's ``DataAugmentationDINO`` (facebookresearch/dino main_dino.py; iBOT's
-  ``DataAugmentationiBOT`` is the same) in 3D, with the reference's per-view probabilities:
+- ``strong``: the same for every view: flips, quarter turns, brightness scale and shift, contrast, gamma,
+  Gaussian noise and blur, each at random (SimCLR).
+- ``asymmetric``: BYOL's two asymmetric views (Grill et al. 2020, Table 6; google-deepmind/deepmind-research
+  byol/utils/augmentations.py ``augment_config`` view1 / view2), which MoCo v3 (facebookresearch/moco-v3
+  main_moco.py ``augmentation1`` / ``augmentation2``) takes unchanged and DINO (facebookresearch/dino
+  main_dino.py ``DataAugmentationDINO``; iBOT's ``DataAugmentationiBOT`` is the same) extends with local crops,
+  in 3D with the references' per-view probabilities:
 
   ============================================  ==========================================================
-  DataAugmentationDINO (2D, RGB)                 3D analogue here
+  BYOL / MoCo v3 / DINO (2D, RGB)                3D analogue here
   ============================================  ==========================================================
-  RandomHorizontalFlip(p=0.5)                    MirrorTransform: each allowed axis flipped with p 0.5
+  horizontal flip, p 0.5                         MirrorTransform: each allowed axis flipped with p 0.5
   ColorJitter(0.4, 0.4, 0.2, 0.1), p 0.8         one RandomTransform, p 0.8: brightness x U(0.6, 1.4),
                                                  contrast x U(0.6, 1.4), gamma U(0.7, 1.5) (saturation and
                                                  hue have no single-channel analogue; gamma is the
                                                  non-linear intensity change in their place)
-  RandomGrayscale(p=0.2)                         none (CT is one channel)
-  GaussianBlur, radius U(0.1, 2): p 1.0 global   GaussianBlurTransform, sigma U(0.1, 2) voxels, same
-  1, 0.1 global 2, 0.5 local crops               per-view probabilities
-  Solarization(p=0.2), global 2 only             InvertImageTransform (intensities mirrored about the view
-                                                 mean), p 0.2, global 2 only
+  grayscale, p 0.2                               none (CT is one channel)
+  Gaussian blur, sigma U(0.1, 2): p 1.0 view 1   GaussianBlurTransform, sigma U(0.1, 2) voxels, same
+  (global 1), 0.1 view 2 (global 2), 0.5 DINO's  per-view probabilities
+  local crops
+  solarization: p 0.2 view 2 (global 2) only     InvertImageTransform (intensities mirrored about the view
+                                                 mean), p 0.2, view 2 only
   ============================================  ==========================================================
 """
 from __future__ import annotations
@@ -41,22 +45,22 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
 ViewKind = Literal["global1", "global2", "local"]
-# DataAugmentationDINO's per-view probabilities of Gaussian blur and solarization
-MULTICROP_BLUR = {"global1": 1.0, "global2": 0.1, "local": 0.5}
-MULTICROP_SOLARIZE = {"global1": 0.0, "global2": 0.2, "local": 0.0}
+# per-view probabilities of Gaussian blur and solarization: BYOL's view1 / view2 (global 1 / 2), DINO's locals
+ASYMMETRIC_BLUR = {"global1": 1.0, "global2": 0.1, "local": 0.5}
+ASYMMETRIC_SOLARIZE = {"global1": 0.0, "global2": 0.2, "local": 0.0}
 
 
 def augmentation(strength: str, mirror_axes: tuple[int, ...], rot90_axes: tuple[int, ...] = (),
                  view: ViewKind = "global1") -> BasicTransform:
     """The ``strength`` scheme (see the module docstring) for one kind of ``view``; flips along
     ``mirror_axes``; ``strong`` also turns in the plane of ``rot90_axes`` (equal sides only, so shapes are
-    kept). Only ``multicrop`` differs between views."""
+    kept). Only ``asymmetric`` differs between views."""
     transforms: list[BasicTransform] = [MirrorTransform(allowed_axes=mirror_axes)] if mirror_axes else []
     if strength == "light":
         transforms.append(RandomTransform(MultiplicativeBrightnessTransform((0.9, 1.1), synchronize_channels=True),
                                           apply_probability=0.3))
-    elif strength == "multicrop":
-        transforms += _multicrop_intensity(view)
+    elif strength == "asymmetric":
+        transforms += _asymmetric_intensity(view)
     else:
         if len(rot90_axes) >= 2:
             transforms.append(RandomTransform(Rot90Transform(1, allowed_axes=set(rot90_axes)), apply_probability=0.5))
@@ -74,16 +78,16 @@ def augmentation(strength: str, mirror_axes: tuple[int, ...], rot90_axes: tuple[
     return ComposeTransforms(transforms)
 
 
-def _multicrop_intensity(view: ViewKind) -> list[BasicTransform]:
+def _asymmetric_intensity(view: ViewKind) -> list[BasicTransform]:
     colour_jitter = ComposeTransforms([
         MultiplicativeBrightnessTransform(BGContrast((0.6, 1.4)), synchronize_channels=True),
         ContrastTransform(BGContrast((0.6, 1.4)), preserve_range=True, synchronize_channels=True),
         _gamma((0.7, 1.5)),
     ])
     transforms: list[BasicTransform] = [RandomTransform(colour_jitter, apply_probability=0.8),
-                                        RandomTransform(_blur((0.1, 2.0)), apply_probability=MULTICROP_BLUR[view])]
-    if MULTICROP_SOLARIZE[view]:
-        transforms.append(InvertImageTransform(p_invert_image=MULTICROP_SOLARIZE[view]))
+                                        RandomTransform(_blur((0.1, 2.0)), apply_probability=ASYMMETRIC_BLUR[view])]
+    if ASYMMETRIC_SOLARIZE[view]:
+        transforms.append(InvertImageTransform(p_invert_image=ASYMMETRIC_SOLARIZE[view]))
     return transforms
 
 

@@ -43,10 +43,11 @@ class ViewSpec:
     the scales are fractions of the region's volume instead, drawn uniformly (a 2D random resized crop's area
     fraction, in 3D). With the defaults a global view is a plain patch-sized crop. ``augment`` names a scheme
     of :mod:`nnssl.data.augmentations`: ``"light"`` (flips, mild intensity), ``"strong"`` (flips, quarter
-    turns, intensity scale/shift, contrast, gamma, noise, blur) or ``"multicrop"`` (DINO's per-view
-    augmentation: colour-jitter analogue, blur at 1.0 / 0.1 / 0.5 for global 1, global 2 and local views,
-    inversion of global 2 at 0.2), drawn independently per view. ``cutout``: the global views are corrupted
-    batch-wise for inpainting (:mod:`nnssl.data.inpainting`) and their clean versions delivered too.
+    turns, intensity scale/shift, contrast, gamma, noise, blur, alike for every view) or ``"asymmetric"``
+    (BYOL's two asymmetric views, as MoCo v3 and DINO run them: colour-jitter analogue, blur at 1.0 / 0.1 / 0.5
+    for global 1, global 2 and local views, inversion of global 2 at 0.2), drawn independently per view.
+    ``cutout``: the global views are corrupted batch-wise for inpainting (:mod:`nnssl.data.inpainting`) and
+    their clean versions delivered too.
     """
 
     global_views: int = 1
@@ -56,7 +57,7 @@ class ViewSpec:
     global_scale: tuple[float, float] = (1.0, 1.0)
     local_scale: tuple[float, float] = (0.3, 0.6)
     scale_by: Literal["side", "volume"] = "side"
-    augment: Literal["light", "strong", "multicrop"] = "light"
+    augment: Literal["light", "strong", "asymmetric"] = "light"
     mask: MaskSpec | None = None
     rotate: Literal["axial", "any"] | None = None
     cutout: bool = False

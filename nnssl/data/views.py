@@ -92,7 +92,8 @@ class ViewMaker:
         mirror_axes = {None: (0, 1, 2), "axial": (0,), "any": ()}[spec.rotate]
         square = (1, 2) if self.patch_size[1] == self.patch_size[2] else ()
         rot90_axes = (tuple(range(3)) if len(set(self.patch_size)) == 1 else square) if spec.rotate is None else ()
-        # view i of a multi-crop set gets DINO's global-view-i augmentation (the second one solarized), locals theirs
+        # with 'asymmetric', view 1 and view 2 get BYOL's view-1 and view-2 augmentation (the second one
+        # solarized), DINO's local crops theirs; the other schemes treat every view alike
         self.global_augments = [augmentation(spec.augment, mirror_axes, rot90_axes, view="global2" if i == 2 else
                                              "global1") for i in range(1, spec.global_views + 1)]
         self.local_augment = augmentation(spec.augment, mirror_axes, rot90_axes, view="local")

@@ -27,6 +27,10 @@ class BYOL(SSLMethod):
     uses the same architecture as g_theta" (Sec. 3.3). The target is a deep copy of the online network
     that the shared loop moves by EMA (``momentum`` 0.996, raised to 1 on a cosine schedule).
 
+    Views (Appendix B, Table 6): two random resized crops of one region, augmented asymmetrically: Gaussian
+    blur always on view 1 and with p 0.1 on view 2, solarization never on view 1 and with p 0.2 on view 2,
+    flips and colour jitter (p 0.8) on both; in 3D as :mod:`nnssl.data.augmentations` ``asymmetric`` maps them.
+
     MoCo v3 (``mocov3``) reuses this structure with other heads and InfoNCE: subclasses override
     :meth:`build_heads` and :meth:`loss`.
     """
@@ -37,7 +41,8 @@ class BYOL(SSLMethod):
     def __init__(self, encoder: SwinEncoder, hidden_dim: int = 4096, proj_dim: int = 256, momentum: float = 0.996,
                  crop_volume: Sequence[float] = (0.08, 1.0), region_factor: float = 1.25):
         super().__init__(encoder)
-        self.views = contrastive_views(self.name, crop_volume, region_factor)
+        # BYOL's asymmetric views (Table 6), which MoCo v3 takes unchanged
+        self.views = contrastive_views(self.name, crop_volume, region_factor, augment="asymmetric")
         if not (isinstance(momentum, (int, float)) and math.isfinite(momentum) and 0 <= momentum <= 1):
             raise NnsslError(f"{self.name}: momentum must be in [0, 1] (the EMA teacher's base momentum), got "
                              f"{momentum!r}. Set \"momentum\" under \"method\" in plans/pretrain/{self.name}.json "

@@ -162,8 +162,8 @@ class DINO(SelfDistillationMethod):
     (facebookresearch/dino main_dino.py), in 3D: flips, a colour-jitter analogue (brightness, contrast, gamma;
     p 0.8), Gaussian blur at p 1.0 / 0.1 / 0.5 for global view 1, global view 2 and the local crops, and an
     intensity inversion, the solarization analogue, of global view 2 at p 0.2 (``nnssl.data.augmentations``,
-    ``multicrop``). The image representation is the average-pooled
-    last-stage Swin tokens (768-d for the paper backbone; Swin has no [CLS] token), and the head is
+    ``asymmetric``: BYOL's two views, which DINO adopts, plus the local crops). The image representation is the
+    average-pooled last-stage Swin tokens (768-d for the paper backbone; Swin has no [CLS] token), and the head is
     "a 3-layer MLP with hidden dimension 2048 followed by l2 normalization and a weight normalized fully
     connected layer with K dimensions" (bottleneck 256).
 
@@ -197,7 +197,7 @@ class DINO(SelfDistillationMethod):
 
     def view_spec(self) -> ViewSpec:
         return ViewSpec(global_views=2, local_views=self.local_views, local_size=self.local_size,
-                        global_scale=self.global_scale, local_scale=self.local_scale, augment="multicrop")
+                        global_scale=self.global_scale, local_scale=self.local_scale, augment="asymmetric")
 
     def loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         global_views = torch.cat([batch["view1"], batch["view2"]])  # (2B, C, X, Y, Z)

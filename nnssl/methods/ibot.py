@@ -110,7 +110,7 @@ class IBOT(MaskedSelfDistillationMethod):
     ``--local_crops_number 10`` student-only local crops (``local_views``, half the patch side by default, as
     DINO's) in the global loss; global and local crops cover area 0.25-1 and 0.05-0.25, here as side fractions
     of the region (their square roots: 0.5-1 and 0.22-0.5); every view gets DataAugmentationiBOT's (DINO's)
-    per-view augmentation (``multicrop``).
+    per-view augmentation (``asymmetric``).
     """
 
     description = "iBOT: DINO loss on pooled tokens + masked patch-token self-distillation (online tokenizer)"
@@ -141,7 +141,7 @@ class IBOT(MaskedSelfDistillationMethod):
 
     def view_spec(self) -> ViewSpec:
         return ViewSpec(global_views=2, local_views=self.local_views, local_size=self.local_size,
-                        global_scale=self.global_scale, local_scale=self.local_scale, augment="multicrop",
+                        global_scale=self.global_scale, local_scale=self.local_scale, augment="asymmetric",
                         mask=MaskSpec(self.mask_ratio, self.mask_block, p_unmasked=self.p_unmasked))
 
     def on_step(self, epoch: float) -> dict[str, float]:

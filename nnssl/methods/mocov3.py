@@ -21,7 +21,9 @@ class MoCoV3(BYOL):
 
     Heads as in the authors' ViT code: "the projection head is a 3-layer MLP ... the prediction head is a
     2-layer MLP" with hidden 4096 and output 256, BN after every layer (the last one without affine
-    parameters), ReLU between. The structure is BYOL's, hence the subclass. MoCo v3's frozen random patch
+    parameters), ReLU between. The structure is BYOL's, hence the subclass, and so are the views
+    (facebookresearch/moco-v3 main_moco.py: "follow BYOL's augmentation recipe", ``augmentation1`` /
+    ``augmentation2`` with blur p 1.0 / 0.1 and solarization p 0 / 0.2). MoCo v3's frozen random patch
     projection (Sec. 4.2, a ViT stability trick for 16x16 patches) is not used: the Swin patch embedding is
     a 2x2x2 convolution and is pretrained with the rest of the encoder.
     """

@@ -1,7 +1,7 @@
 """SimCLR (Chen et al. ICML 2020, https://arxiv.org/abs/2002.05709) on 3D CT views."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -15,19 +15,23 @@ from nnssl.methods.registry import register_method
 from nnssl.networks.heads import MLPHead, PooledEncoder
 from nnssl.networks.swin import SwinEncoder
 
-def contrastive_views(method: str, crop_volume: Sequence[float], region_factor: float) -> ViewSpec:
-    """Two strongly augmented 3D random resized crops of one region ``region_factor`` patch sides wide, each
+
+def contrastive_views(method: str, crop_volume: Sequence[float], region_factor: float,
+                      augment: Literal["strong", "asymmetric"]) -> ViewSpec:
+    """Two augmented 3D random resized crops of one region ``region_factor`` patch sides wide, each
     covering a volume fraction of it drawn uniformly from ``crop_volume`` (zoomed to the patch size): the 3D
     analogue of RandomResizedCrop(scale=(0.08, 1)), which SimCLR (google-research/simclr data_util.py,
     area_range 0.08-1), BYOL and MoCo v3 (facebookresearch/moco-v3 main_moco.py) use. ``region_factor`` bounds
-    how far apart the two views can lie, i.e. their least overlap (1: both from one patch-sized region)."""
+    how far apart the two views can lie, i.e. their least overlap (1: both from one patch-sized region).
+    ``augment``: SimCLR's one distribution for both views (``strong``) or BYOL's asymmetric pair
+    (``asymmetric``, :mod:`nnssl.data.augmentations`)."""
     low, high = as_pair(crop_volume, "crop_volume", method)
     if high > 1 or region_factor < 1:
         raise NnsslError(f"{method}: crop_volume must lie in (0, 1] (a fraction of the region's volume) and "
                          f"region_factor be >= 1; got {crop_volume!r} and {region_factor!r}. Fix it in "
                          f"plans/pretrain/{method}.json or --plans-override.")
     return ViewSpec(global_views=2, region_factor=float(region_factor), global_scale=(low, high), scale_by="volume",
-                    augment="strong")
+                    augment=augment)
 
 
 @register_method("simclr", trainer="SwinUNETR_SimCLR_Trainer")
@@ -49,7 +53,7 @@ class SimCLR(SSLMethod):
                  crop_volume: Sequence[float] = (0.08, 1.0), region_factor: float = 1.25):
         super().__init__(encoder)
         self.temperature = check_temperature(temperature, "simclr")
-        self.views = contrastive_views("simclr", crop_volume, region_factor)
+        self.views = contrastive_views("simclr", crop_volume, region_factor, augment="strong")
         self.projector = nn.Sequential(PooledEncoder(encoder), MLPHead(encoder.out_channels[-1], hidden_dim, proj_dim))
 
     def view_spec(self) -> ViewSpec:
