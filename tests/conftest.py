@@ -51,7 +51,8 @@ def run_cli(*args: str | os.PathLike, env: dict[str, str] | None = None, timeout
 # tiny training itself, and tests of what training writes (checkpoints, the shared plans.json) do not read it.
 NO_FINAL_VALIDATION = ("from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer\n"
                        "nnUNetTrainer.perform_actual_validation = lambda self, *args, **kwargs: None\n")
-TRAIN_WITHOUT_VALIDATION = NO_FINAL_VALIDATION + ("import sys\nfrom nnunetv2.run.run_training import run_training_entry\n"
+TRAIN_WITHOUT_VALIDATION = NO_FINAL_VALIDATION + ("import sys\n"
+                                                  "from nnunetv2.run.run_training import run_training_entry\n"
                                                   "sys.argv[0] = 'nnUNetv2_train'\nrun_training_entry()\n")
 
 
