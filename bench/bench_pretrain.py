@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import resource
 import statistics
 import subprocess
@@ -24,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+LOG = logging.getLogger(__name__)
 # quick (CPU): the paper Swin at 64^3, where the encoder, not the methods' MLP heads, dominates as in real use
 SETTINGS = {False: {"preset": "paper", "patch": 64, "batch": 2, "steps": 3},
             True: {"preset": "paper", "patch": 128, "batch": 2, "steps": 5}}
@@ -113,15 +115,19 @@ def run(full: bool = False) -> list[dict]:
 
     settings = SETTINGS[full]
     device = "cuda" if full and torch.cuda.is_available() else "cpu"
-    results = {name: _measure_in_subprocess(name, device, full) for name in list_methods()}
-    config = {**settings, "device": device, "memory": "CUDA max allocated" if device == "cuda" else "RSS growth"}
+    measured = {name: _measure_in_subprocess(name, device, full) for name in list_methods()}
+    results = {name: r for name, r in measured.items() if r is not None}
+    config = {**settings, "device": device, "memory": "CUDA max allocated" if device == "cuda" else "RSS growth",
+              "simmim_peak_mib": results.get("simmim", {}).get("peak_mib")}
     rows = [{"name": f"pretrain_step_{name}", "ours": round(r["seconds"], 4),
              "baseline": round(r["simmim_seconds"], 4), "unit": "s/step (baseline: simmim, same process)",
              "ratio": round(r["simmim_seconds"] / r["seconds"], 2),
-             "config": {**config, "peak_mib": r["peak_mib"], "simmim_peak_mib": results["simmim"]["peak_mib"]}}
+             "config": {**config, "peak_mib": r["peak_mib"]}}
             for name, r in results.items()]
     for row_name, (name, baseline_hyperparameters) in VARIANTS.items():
         r = _measure_in_subprocess(name, device, full, baseline_hyperparameters)
+        if r is None:
+            continue
         rows.append({"name": row_name, "ours": round(r["seconds"], 4), "baseline": round(r["baseline_seconds"], 4),
                      "unit": f"s/step (baseline: {name} with {json.dumps(baseline_hyperparameters)}, same process)",
                      "ratio": round(r["baseline_seconds"] / r["seconds"], 2),
@@ -129,13 +135,19 @@ def run(full: bool = False) -> list[dict]:
     return rows
 
 
-def _measure_in_subprocess(name: str, device: str, full: bool, baseline_hyperparameters: dict | None = None) -> dict:
+def _measure_in_subprocess(name: str, device: str, full: bool,
+                           baseline_hyperparameters: dict | None = None) -> dict | None:
     """:func:`measure` (or, with ``baseline_hyperparameters``, :func:`measure_variant`) of method ``name`` in a
-    fresh process, so that its peak memory is its own."""
+    fresh process, so that its peak memory is its own; None if that process fails (e.g. killed for memory on a
+    shared machine), so that the other methods' rows are still written."""
     variant = ["--baseline-hyperparameters", json.dumps(baseline_hyperparameters)] if baseline_hyperparameters else []
     command = [sys.executable, "-m", "bench.bench_pretrain", "--one", name, "--device", device,
                *(["--full"] if full else []), *variant]
-    output = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", check=True)
+    output = subprocess.run(command, capture_output=True, text=True, encoding="utf-8")
+    if output.returncode != 0:
+        LOG.warning("bench_pretrain: %s failed (exit status %d), no row for it:\n%s", " ".join(command[2:]),
+                    output.returncode, output.stderr.strip()[-2000:])
+        return None
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
