@@ -41,13 +41,13 @@ class _Stepper:
         from nnssl.data.views import ViewMaker
         from nnssl.methods.registry import build_method
         from nnssl.networks import build_encoder, get_preset
-        from nnssl.pretrain.loop import FUSED_ADAMW_DEVICES, _param_groups
+        from nnssl.pretrain.optimizer import make_adamw
 
         torch.manual_seed(0)
         preset = get_preset(preset_name)
         self.device = device
         self.method = build_method(method_name, build_encoder(preset), **(hyperparameters or {})).to(device)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.method), lr=1e-4, fused=device in FUSED_ADAMW_DEVICES)
+        self.optimizer = make_adamw(self.method, torch.device(device), lr=1e-4)
         views = ViewMaker(self.method.view_spec(), (patch,) * 3, preset.patch_size)
         rng = np.random.default_rng(0)
         region = torch.randn(1, *views.region_size)

@@ -23,7 +23,8 @@ from nnssl.checkpoints import EncoderCheckpoint, load_encoder_file, load_encoder
 from nnssl.data.synthetic import LABELS
 from nnssl.methods.registry import list_methods
 from nnssl.networks import ENCODER_PREFIX, SwinEncoder, build_swinunetr, encoder_state_dict, get_preset
-from nnssl_trainers.swinunetr import METHOD_TRAINERS, encoder_fingerprint
+from nnssl_trainers.pretrained_encoder import encoder_fingerprint
+from nnssl_trainers.swinunetr import METHOD_TRAINERS
 
 TINY = get_preset("tiny")
 E2E_RUN = "finetune_e2e"

@@ -65,11 +65,13 @@ def _wait(condition, what: str, seconds: float = WAIT_SECONDS, poll: float = 1.0
     pytest.fail(f"gave up after {seconds:.0f} s waiting for {what}")
 
 
-def _release_requeued(slurm_id: str) -> bool:
-    """Slurm holds a requeued job for two minutes (BeginTime); start it now so the test stays short."""
+def _release_requeued(slurm_id: str, time_limit: str | None = None) -> bool:
+    """Slurm holds a requeued job for two minutes (BeginTime); start it now so the test stays short, with
+    ``time_limit`` (minutes) if given."""
     jobs = [j for j in _squeue(slurm_id.split("_")[0]) if j["state"] == "PENDING" and j["reason"] == "BeginTime"]
     for job in jobs:
-        subprocess.run(["scontrol", "update", f"jobid={job['id']}", "StartTime=now"], check=True)
+        limit = [f"TimeLimit={time_limit}"] if time_limit else []
+        subprocess.run(["scontrol", "update", f"jobid={job['id']}", *limit, "StartTime=now"], check=True)
     return bool(jobs)
 
 
@@ -171,14 +173,35 @@ def test_cancel_stops_the_study_and_status_shows_it(slurm, study_folders, ct_tas
     assert "queued" not in status.split("\n\n")[-1] and "ended without an outcome" in status
 
 
-def test_ddp_pretraining_under_slurm_is_preempted_requeued_and_finishes(slurm, pretrain_corpus, nnunet_env, tmp_path):
-    """2 tasks (gloo) take torch.distributed from Slurm; Slurm's signal to task 0 stops both ranks at one step
-    with a checkpoint, the job is requeued and continues to the same step count as an uninterrupted run."""
-    steps = 24
+def _seconds(slurm_time: str) -> int:
+    """squeue's ``[D-][H:]M:S`` as seconds."""
+    days, _, clock = slurm_time.rpartition("-")
+    seconds = 0
+    for part in clock.split(":"):
+        seconds = seconds * 60 + int(part)
+    return seconds + int(days or 0) * 86400
+
+
+def _time_limit_in_about_a_minute(slurm_id: str) -> None:
+    """Shorten the running job's time limit (whole minutes, as Slurm keeps it) so that 60-120 s are left: with
+    --signal USR2@90 Slurm's own time-limit signal is then due within 30 s and sent at slurmctld's next
+    time-limit check (every 30 s), before the limit itself, whatever the machine's speed."""
+    elapsed = subprocess.run(["squeue", "-h", "-j", slurm_id, "-o", "%M"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    minutes_ = -(-(_seconds(elapsed) + 60) // 60)
+    subprocess.run(["scontrol", "update", f"jobid={slurm_id}", f"TimeLimit={minutes_}"], check=True)
+
+
+def test_ddp_pretraining_under_slurm_hits_its_time_limit_is_requeued_and_finishes(slurm, pretrain_corpus, nnunet_env,
+                                                                                   tmp_path):
+    """2 tasks (gloo) take torch.distributed from Slurm; once it steps, the job's time limit is cut to about a
+    minute away, Slurm itself signals it (--signal USR2@90), both ranks stop at one step with a checkpoint, the job
+    is requeued and continues to the same step count as an uninterrupted run."""
+    steps = 200  # still stepping 60 s after the first steps on an idle 2-core machine (~0.4 s per step)
     command = ("nnssl_pretrain", "-m", "rotnet", "-d", str(CORPUS_ID), *TINY_PRETRAIN, "--epochs", "1",
                "--steps-per-epoch", str(steps), "--run", "slurm_ddp", "--plans-override", "log_every=1")
     job = Job("pretrain/rotnet", "pretrain", command, gpu=True)
-    cluster = load_cluster(None, {"cpus_per_job": 1, "pretrain_tasks_per_node": 2, "time": "15"})
+    cluster = load_cluster(None, {"cpus_per_job": 1, "pretrain_tasks_per_node": 2, "time": "15", "signal_delay_s": 90})
     out = tmp_path / "out"
     study_folders = _private_folders(tmp_path, nnunet_env, [CORPUS])
     with pytest.MonkeyPatch.context() as patch:
@@ -190,8 +213,9 @@ def test_ddp_pretraining_under_slurm_is_preempted_requeued_and_finishes(slurm, p
     run = Path(study_folders["nnssl_results"]) / "rotnet" / "slurm_ddp"
     _wait(lambda: (run / "log.csv").is_file() and len((run / "log.csv").read_text().splitlines()) > 3,
           "the first steps")
-    subprocess.run(["scancel", "--signal=USR2", slurm_id], check=True)  # what Slurm sends at the time limit
-    _wait(lambda: _release_requeued(slurm_id), "the requeue")
+    _time_limit_in_about_a_minute(slurm_id)
+    # the requeued job gets its 15 minutes back, so that the test needs one requeue
+    _wait(lambda: _release_requeued(slurm_id, time_limit="15"), "Slurm's time-limit signal and the requeue")
     _wait(lambda: outcome_path(out / "slurm" / "outcomes", job.id).is_file(), "the requeued job to finish")
 
     outcome = json.loads(outcome_path(out / "slurm" / "outcomes", job.id).read_text(encoding="utf-8"))
