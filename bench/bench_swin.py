@@ -22,12 +22,14 @@ peak memory of two steps, each variant in a fresh process: on CPU the growth of 
 (``VmHWM``, reset after building network, optimizer and batch), i.e. activations, gradients, optimizer
 state and temporaries; on CUDA ``torch.cuda.max_memory_allocated`` (everything, weights included).
 ``swin_memory_checkpointing_<preset>_<size>``: the same peak memory of our SwinUNETR with activation
-checkpointing (``use_checkpoint``, as ``nnssl_checkpointing=1`` builds it; ours) and without (baseline).
+checkpointing (``use_checkpoint``, as ``nnssl_checkpointing=1`` builds it; ours) and without (baseline); on the
+CPU the median of 3 such pairs of fresh processes.
 The quick setting (CPU, ``make bench``) runs the tiny preset at 64/96/128 (growth with patch size) and
 the paper preset at 64 (the issue's target), checkpointing at tiny 96; ``--full`` every preset at every size
 and checkpointing at paper 128 (``bench/bench_gpu.py`` runs the GPU selection).
 
-Run alone: ``python -m bench.bench_swin [--full] [--case PRESET SIZE]``.
+Run alone: ``python -m bench.bench_swin [--full] [--case PRESET SIZE]``; ``--checkpointing`` measures only the
+checkpointing rows, and ``--results bench/results.json`` merges the rows into the results as ``bench.run`` does.
 """
 from __future__ import annotations
 
@@ -50,10 +52,10 @@ NETWORKS = {"swinunetr": "swin", "encoder": "swin_encoder"}  # network -> row na
 SETTINGS = {
     False: {"batch": 1, "repeats": 5, "memory_steps": 2,
             "cases": [("tiny", 64), ("tiny", 96), ("tiny", 128), ("paper", 64)],
-            "checkpointing_cases": [("tiny", 96)]},
+            "checkpointing_cases": [("tiny", 96)], "checkpointing_repeats": 3},
     True: {"batch": 2, "repeats": 10, "memory_steps": 2,
            "cases": [(p, s) for p in ("tiny", "monai", "paper") for s in (64, 96, 128)],
-           "checkpointing_cases": [("paper", 128)]},
+           "checkpointing_cases": [("paper", 128)], "checkpointing_repeats": 1},
 }
 LOSS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
@@ -180,17 +182,25 @@ def _measure_here(variant: str, case: Case, steps: int) -> float:
     return _status_mb("VmHWM") - before
 
 
-def checkpointing_row(preset: str, size: int, batch: int, device: str, steps: int) -> dict:
+def checkpointing_row(preset: str, size: int, batch: int, device: str, steps: int, repeats: int = 1) -> dict:
     """``swin_memory_checkpointing_<preset>_<size>``: peak memory of ``steps`` training steps of our SwinUNETR with
-    activation checkpointing (ours) and without (baseline), each in a fresh process."""
-    memory = {flag: peak_memory_mb(Case(preset, size, batch, "swinunetr", device, checkpoint=flag), "ours", steps)
-              for flag in (True, False)}
+    activation checkpointing (ours) and without (baseline), each in a fresh process; the median of ``repeats``
+    such pairs, measured in turn (the resident-set peak of a CPU process varies by a few percent from run to run
+    with the allocator's reuse of freed memory)."""
+    memory = {True: [], False: []}
+    for _ in range(repeats):
+        for flag in memory:
+            case = Case(preset, size, batch, "swinunetr", device, checkpoint=flag)
+            memory[flag].append(peak_memory_mb(case, "ours", steps))
+    ours, baseline = statistics.median(memory[True]), statistics.median(memory[False])
     config = {"preset": preset, "size": size, "batch": batch, "device": device, "steps": steps,
               "memory": "peak of max_memory_allocated" if device == "cuda" else
                         "growth of peak RSS (VmHWM), fresh process",
-              "saving": round(1 - memory[True] / memory[False], 3)}
-    return {"name": f"swin_memory_checkpointing_{preset}_{size}", "ours": memory[True], "baseline": memory[False],
-            "unit": "MB", "ratio": memory[False] / memory[True], "config": config}
+              "repeats": repeats, "runs_mb": {"checkpointing": [round(m, 1) for m in memory[True]],
+                                              "none": [round(m, 1) for m in memory[False]]},
+              "saving": round(1 - ours / baseline, 3)}
+    return {"name": f"swin_memory_checkpointing_{preset}_{size}", "ours": ours, "baseline": baseline,
+            "unit": "MB", "ratio": baseline / ours, "config": config}
 
 
 def _options() -> dict[str, bool]:
@@ -198,9 +208,20 @@ def _options() -> dict[str, bool]:
             "checkpoint": os.environ.get("NNSSL_BENCH_CHECKPOINT") == "1"}
 
 
+def _device(full: bool) -> str:
+    return "cuda" if full and torch.cuda.is_available() else "cpu"
+
+
+def checkpointing_rows(full: bool) -> list[dict]:
+    """The ``swin_memory_checkpointing_*`` rows of the setting."""
+    setting = SETTINGS[full]
+    return [checkpointing_row(preset, size, setting["batch"], _device(full), setting["memory_steps"],
+                              setting["checkpointing_repeats"]) for preset, size in setting["checkpointing_cases"]]
+
+
 def run(full: bool, cases: list[tuple[str, int]] | None = None) -> list[dict]:
     setting = SETTINGS[full]
-    device = "cuda" if full and torch.cuda.is_available() else "cpu"
+    device = _device(full)
     rows = []
     for preset, size in cases or setting["cases"]:
         for network, prefix in NETWORKS.items():
@@ -219,8 +240,7 @@ def run(full: bool, cases: list[tuple[str, int]] | None = None) -> list[dict]:
                          "baseline": memory["baseline"], "unit": "MB", "ratio": memory["baseline"] / memory["ours"],
                          "config": config})
     if cases is None:
-        rows += [checkpointing_row(preset, size, setting["batch"], device, setting["memory_steps"])
-                 for preset, size in setting["checkpointing_cases"]]
+        rows += checkpointing_rows(full)
     return rows
 
 
@@ -229,16 +249,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="every preset at 64/96/128, batch 2, on a GPU if any")
     parser.add_argument("--case", nargs=2, action="append", metavar=("PRESET", "SIZE"),
                         help="measure only this preset and patch size (repeatable)")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="measure only the swin_memory_checkpointing rows (activation checkpointing vs none)")
+    parser.add_argument("--results", type=Path, help="merge the rows into this results file and rewrite the "
+                                                      "RESULTS.md beside it (default: print only)")
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:  # a fresh process of peak_memory_mb
         variant, case, steps = args.memory_child
         print(_measure_here(variant, Case(**json.loads(case)), int(steps)))
         return 0
-    from bench.run import format_table
+    from bench.run import check_rows, format_table, record, stamp
 
     cases = [(preset, int(size)) for preset, size in args.case] if args.case else None
-    print(format_table(run(args.full, cases)))
+    rows = checkpointing_rows(args.full) if args.checkpointing else run(args.full, cases)
+    print(format_table(rows))
+    if args.results:
+        record(stamp(check_rows("bench.bench_swin", rows)), args.results)
     return 0
 
 

@@ -156,6 +156,11 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def record(rows: list[dict], results: Path = RESULTS) -> None:
+    """Merge stamped ``rows`` into ``results`` and rewrite the RESULTS.md beside it."""
+    save_text(markdown(merge(rows, results)), results.with_name(RESULTS_MD.name))
+
+
 def run_benchmarks(full: bool = False, only: list[str] | None = None, results: Path = RESULTS) -> list[str]:
     """Run the selected modules, print each one's table, merge its rows into ``results`` as soon as it
     finishes (an interrupted run keeps what it measured). Returns the names of the modules that failed."""
@@ -169,7 +174,7 @@ def run_benchmarks(full: bool = False, only: list[str] | None = None, results: P
             traceback.print_exc()
             failed.append(topic)
             continue
-        save_text(markdown(merge(rows, results)), results.with_name(RESULTS_MD.name))
+        record(rows, results)
         print(format_table(rows), flush=True)
         print(f"({len(rows)} rows, {time.perf_counter() - start:.0f} s, merged into {results})\n", flush=True)
     return failed

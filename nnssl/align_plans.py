@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from nnssl.errors import NnsslError
-from nnssl.io import load_json, save_json
+from nnssl.io import load_json, locked, save_json
 from nnssl.paths import dataset_folder, nnunet_planner_environment, nnunet_preprocessed, nnunet_raw
 
 log = logging.getLogger(__name__)
@@ -91,11 +91,12 @@ def _align_one(dataset_id: int, dataset: str, corpus: str, corpus_plans: dict, i
     folder = nnunet_preprocessed() / dataset
     if not (folder / "dataset_fingerprint.json").is_file():  # what nnUNetv2_plan_and_preprocess does first
         extract_fingerprints([dataset_id], num_processes=num_processes, check_dataset_integrity=True)
-    move_plans_between_datasets(corpus, dataset, CORPUS_PLANS, identifier)
     plans_file = folder / f"{identifier}.json"
-    plans = load_json(plans_file)
-    record = _retarget(plans, dataset_id, corpus, corpus_plans, override)
-    save_json(plans, plans_file)
+    with locked(plans_file):  # the task's plans are shared with trainers and other aligners (nnssl.io.locked)
+        move_plans_between_datasets(corpus, dataset, CORPUS_PLANS, identifier)
+        plans = load_json(plans_file)
+        record = _retarget(plans, dataset_id, corpus, corpus_plans, override)
+        save_json(plans, plans_file)
     # as nnU-Net's ExperimentPlanner.save_plans: preprocessing and training read dataset.json from here
     shutil.copy(nnunet_raw() / dataset / "dataset.json", folder / "dataset.json")
     if preprocess:

@@ -118,7 +118,9 @@ def locked(path: str | os.PathLike, wait_s: float = LOCK_WAIT_S) -> Iterator[Non
     The lock is a POSIX record lock (``fcntl.lockf``, honoured by NFS through its lock manager, unlike
     ``flock`` on some mounts) on the hidden file ``.<name>.lock`` beside ``path``. The kernel drops it when the
     process dies, and forked children do not inherit it. It orders processes, not threads of one process, and
-    is not reentrant: do not nest two ``locked`` of one path.
+    is not reentrant: do not nest two ``locked`` of one path. The empty lock file stays: removed on release, a
+    process already waiting would get the lock of the removed file while a newcomer creates and locks a new one,
+    two holders at once. Nothing reads it as data (nnU-Net and nnssl list ``*.json``, data folders, or folders).
     """
     path = Path(path)
     lock_path = path.parent / f".{path.name}.lock"

@@ -20,6 +20,11 @@ def warmup_cosine(t: float, total: float, warmup: float, start: float, end: floa
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
 
 
+def ema_momentum(base: float, step: int, total: int) -> float:
+    """Cosine from ``base`` to 1 over the run (BYOL/DINO/MoCo v3 teacher schedule)."""
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max(total, 1)) + 1.0) / 2.0
+
+
 def linear_warmup_then_constant(t: float, warmup: float, start: float, end: float) -> float:
     """``start`` -> ``end`` linearly over ``warmup``, then ``end`` (DINO's teacher temperature)."""
     if warmup <= 0 or t >= warmup:

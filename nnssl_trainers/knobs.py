@@ -24,6 +24,7 @@ KNOBS: dict[str, str] = {
                            "pass: less GPU memory, more compute, same gradients); 0: off",
     "nnssl_encoder_file": "encoder file of SwinUNETR_Imported_Trainer (instead of -pretrained_weights)",
 }
+PROG = "nnUNetv2_train"  # the command whose errors the trainers print
 FOLDER_VARIABLES = ("nnssl_results",)  # nnssl_* variables that name folders (nnssl.paths), not trainer knobs
 
 

@@ -10,7 +10,6 @@ On a GPU, cuDNN's autotuned kernels (nnU-Net sets ``cudnn.benchmark``) may still
 from __future__ import annotations
 
 import os
-import random
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from nnssl.errors import NnsslError
+from nnssl.random_state import seed_everything
 
 SEED_ENV = "nnssl_seed"
 DEFAULT_SEED = 0
@@ -33,13 +33,6 @@ def env_seed() -> int | None:
         raise NnsslError(f"Environment variable {SEED_ENV}={value!r} must be a whole number >= 0, e.g. "
                          f"{SEED_ENV}=1 (default {DEFAULT_SEED}).")
     return int(value)
-
-
-def seed_everything(seed: int) -> None:
-    """Python's, NumPy's and torch's global generators of this process."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def worker_seeds(seed: int, stream: str, count: int) -> list[int]:

@@ -34,9 +34,7 @@ otherwise be ignored (``nnssl_trainers/knobs.py`` lists them).
 On the CPU the trainers honour ``OMP_NUM_THREADS`` (nnU-Net itself takes every core), so that
 ``nnssl_benchmark --device cpu --jobs N`` can run N trainings side by side.
 
-Where a method trainer's encoder comes from, first match wins: ``-pretrained_weights FILE``;
-``$nnssl_results/<method>/$nnssl_run/encoder_final.pth``; the encoder the model folder's other folds
-started from (recorded in its plans.json); the newest ``$nnssl_results/<method>/*/encoder_final.pth``.
+Where a method trainer's encoder comes from: ``nnssl_trainers.pretrained_encoder``.
 All folds of a model folder must start from the same encoder (an error says so otherwise), so a new
 pretraining run never slips into half of a cross-validation. ``--c`` and ``--val`` restore the fold's
 own nnU-Net checkpoint and load no encoder.
@@ -44,52 +42,39 @@ own nnU-Net checkpoint and load no encoder.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from nnunetv2.run import run_training as nnunet_run_training
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from nnssl.checkpoints import (ENCODER_FILES, RUN_ENV, EncoderCheckpoint, describe_preset_difference,
-                               find_encoder_checkpoint, is_nnunet_checkpoint, load_encoder_file, load_encoder_weights,
-                               unwrap)
+from nnssl.checkpoints import describe_preset_difference
 from nnssl.errors import NnsslError, exit_on_user_error
 from nnssl.fewshot import NUM_MANY_SHOT_FOLDS, load_fewshot
-from nnssl.io import CONCURRENT_WRITE_WAIT_S, atomic_path, load_json
+from nnssl.io import CONCURRENT_WRITE_WAIT_S, load_json
 from nnssl.methods.registry import trainer_names
-from nnssl.networks import BackbonePreset, ENCODER_PREFIX, build_swinunetr, get_preset
+from nnssl.networks import BackbonePreset, build_swinunetr, get_preset
 from nnssl.networks.swinunetr import swin_patch_size
-from nnssl.paths import nnssl_results, nnunet_results
+from nnssl.paths import nnunet_results
 from nnssl.provenance import provenance
+from nnssl.random_state import seed_everything
 from nnssl.schedules import EpochWarmupCosineLR
-from nnssl_trainers.alignment import check_alignment, describe_alignment
-from nnssl_trainers.imported import ENCODER_FILE_ENV, IMPORTED, imported_encoder_file
-from nnssl_trainers.knobs import check_environment, chosen_encoder, env_flag, env_positive
+from nnssl_trainers.imported import IMPORTED
+from nnssl_trainers.knobs import PROG, check_environment, env_flag, env_positive
+from nnssl_trainers.nnunet_checkpoints import NnunetCheckpoints
 from nnssl_trainers.preemption import SaveOnSignal
-from nnssl_trainers.seeding import DEFAULT_SEED, env_seed, ordered_augmenters, seed_everything
+from nnssl_trainers.pretrained_encoder import PretrainedEncoder
+from nnssl_trainers.seeding import DEFAULT_SEED, env_seed, ordered_augmenters
 from nnssl_trainers.shared_files import safe_shared_json
 
 PLANS_KEY = "nnssl"  # our section inside the configuration of the plans the trainer saves
 DEFAULT_BACKBONE = "paper"
-PROG = "nnUNetv2_train"
-NNUNET_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")  # the order --c tries
 
 
-def encoder_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the ``swinViT.*`` tensors (sorted by name): proves which weights a network started from."""
-    digest = hashlib.sha256()
-    for key in sorted(k for k in state_dict if k.startswith(ENCODER_PREFIX)):
-        digest.update(key.encode())
-        digest.update(state_dict[key].detach().cpu().contiguous().float().numpy().tobytes())
-    return digest.hexdigest()
-
-
-class SwinUNETR_Scratch_Trainer(SaveOnSignal, nnUNetTrainer):
+class SwinUNETR_Scratch_Trainer(SaveOnSignal, NnunetCheckpoints, PretrainedEncoder, nnUNetTrainer):
     """SwinUNETR fine-tuning recipe for nnU-Net; randomly initialised. Subclasses set ``pretrain_method``.
 
     Recipe (the SwinUNETR/SMIT fine-tuning setup inside nnU-Net's loop, data augmentation and
@@ -121,7 +106,6 @@ class SwinUNETR_Scratch_Trainer(SaveOnSignal, nnUNetTrainer):
         self.weight_decay = self.weight_decay_default
         self.enable_deep_supervision = False
         self.encoder_checkpoint_path: Path | None = None  # set from -pretrained_weights
-        self._tensors_loaded = 0
         # An nnU-Net checkpoint (--c, --val, or an nnU-Net file as -pretrained_weights) gives the weights; the
         # wrapper around maybe_load_checkpoint refines this before initialize().
         self.loads_nnunet_weights = continuing
@@ -293,196 +277,11 @@ class SwinUNETR_Scratch_Trainer(SaveOnSignal, nnUNetTrainer):
         with ordered_augmenters(self.seed):
             return super().get_dataloaders()
 
-    def _build_and_load(self, checkpoint: EncoderCheckpoint, plans_manager: PlansManager,
-                        configuration_manager: ConfigurationManager, num_input_channels: int,
-                        num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        network = type(self).build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                                        num_output_channels, enable_deep_supervision)
-        self._tensors_loaded = load_encoder_weights(network, checkpoint)
-        return network
-
-    def _record_pretrained(self, checkpoint: EncoderCheckpoint) -> None:
-        """Log and record (plans.json) which encoder the network starts from, as it is before iteration 0."""
-        previous = self.nnssl_settings.get("pretrained") or {}
-        record = {
-            "path": str(checkpoint.path.resolve()),
-            "method": checkpoint.method,
-            "run": checkpoint.meta.get("run"),
-            "step": checkpoint.meta.get("step"),
-            "tensors_loaded": self._tensors_loaded,
-            "checkpoint_in_channels": checkpoint.in_channels,
-            "task_in_channels": self.num_input_channels,
-            "pretraining_normalization": checkpoint.meta.get("normalization"),
-            "task_normalization": list(self.configuration_manager.normalization_schemes),
-            "encoder": checkpoint.meta.get("source", "student"),
-            "encoder_from": self._encoder_origin,
-            "checkpoint_sha256": encoder_fingerprint(checkpoint.state_dict),
-            "encoder_sha256": encoder_fingerprint(unwrap(self.network).state_dict()),
-        }
-        if previous.get("checkpoint_sha256") not in (None, record["checkpoint_sha256"]):
-            raise NnsslError(
-                f"Fold {self.fold} would start from the encoder {record['path']}, but the other folds of "
-                f"{self.output_folder_base} started from {previous.get('path')} (a different encoder). Folds of one "
-                f"model folder must start from the same encoder: pass -pretrained_weights {previous.get('path')}, "
-                f"or move the model folder away (or train into another one with a copied plans file, -p) to "
-                f"fine-tune the new encoder."
-            )
-        self.nnssl_settings["pretrained"] = record
-        alignment = check_alignment(checkpoint.meta, self.plans_manager.plans, self.configuration_name,
-                                    self.plans_manager.dataset_name)
-        self.nnssl_settings["alignment"] = alignment
-        self.print_to_log_file(describe_alignment(alignment))
-        self.print_to_log_file(
-            f"nnssl: loaded {record['tensors_loaded']} pretrained swinViT tensors from {checkpoint.path} (method "
-            f"{checkpoint.method}, backbone {checkpoint.preset.name}, input channels {checkpoint.in_channels} -> "
-            f"{self.num_input_channels}, encoder sha256 {record['encoder_sha256'][:12]}); task normalization "
-            f"{record['task_normalization']}, pretraining normalization {record['pretraining_normalization']}"
-        )
-
-    def _pretrained_encoder(self) -> EncoderCheckpoint:
-        path = self._encoder_path()
-        checkpoint = load_encoder_file(path)
-        if self.pretrain_method != IMPORTED and checkpoint.method != self.pretrain_method:
-            raise NnsslError(
-                f"{self.__class__.__name__} fine-tunes '{self.pretrain_method}' encoders, but {path} was pretrained "
-                f"with '{checkpoint.method}'. Use the trainer of that method or a '{self.pretrain_method}' checkpoint."
-            )
-        settings = self.nnssl_settings
-        current = BackbonePreset.from_dict(settings["backbone"])
-        if self._backbone_origin != "default" and checkpoint.preset != current:
-            if self._backbone_origin == "saved model":
-                where, remedy = (f"the model in {self.output_folder_base} was trained with",
-                                 "move the model folder away to fine-tune this encoder")
-            else:
-                where, remedy = "nnssl_backbone asks for", "unset nnssl_backbone (the checkpoint's preset is used)"
-            raise NnsslError(
-                f"The encoder {path} was pretrained with backbone '{checkpoint.preset.name}', but {where} "
-                f"'{current.name}'{describe_preset_difference(current, checkpoint.preset)}. Pick an encoder "
-                f"pretrained with '{current.name}', or {remedy}."
-            )
-        self._set_backbone(checkpoint.preset)
-        settings["backbone_from"] = f"encoder checkpoint {path}"
-        return checkpoint
-
-    def _encoder_path(self) -> Path:
-        if self.encoder_checkpoint_path is not None:
-            self._encoder_origin = "-pretrained_weights"
-            return self.encoder_checkpoint_path
-        previous = (self.nnssl_settings.get("pretrained") or {}).get("path")
-        if self.pretrain_method == IMPORTED:
-            self._encoder_origin = ENCODER_FILE_ENV if os.environ.get(ENCODER_FILE_ENV) else "the model's other folds"
-            return imported_encoder_file(previous)
-        choice, self._encoder_origin = chosen_encoder(self.pretrain_method)
-        if (not os.environ.get(RUN_ENV) and previous and Path(previous).is_file()
-                and Path(previous).name == ENCODER_FILES[choice]):
-            return Path(previous)  # the encoder the model folder's other folds started from
-        return find_encoder_checkpoint(self.pretrain_method, nnssl_results(), ENCODER_FILES[choice])
-
-    def route_checkpoints(self, continue_training: bool, validation_only: bool,
-                          pretrained_weights: str | None) -> str | None:
-        """Decide where this fold's weights come from, before nnU-Net's ``maybe_load_checkpoint`` runs.
-
-        Returns the ``-pretrained_weights`` file nnU-Net should still load itself (an nnU-Net training
-        checkpoint), or None. An encoder file is kept for ``initialize()``; with ``--c`` and a checkpoint
-        of this fold present it is not needed (the nnU-Net checkpoint wins).
-        """
-        folder = Path(self.output_folder)
-        resumable = any((folder / name).is_file() for name in NNUNET_CHECKPOINTS)
-        if validation_only and not (folder / NNUNET_CHECKPOINTS[0]).is_file():
-            raise NnsslError(f"--val needs a finished training, but {folder / NNUNET_CHECKPOINTS[0]} does not exist. "
-                             f"Finish it first (add --c to continue an interrupted one).")
-        self.loads_nnunet_weights = validation_only or (continue_training and resumable)
-        if pretrained_weights is None:
-            return None
-        if self.pretrain_method is None:
-            raise NnsslError(f"{type(self).__name__} trains from scratch; -pretrained_weights needs a method "
-                             f"trainer, e.g. -tr SwinUNETR_SMIT_Trainer for a 'smit' encoder.")
-        if not Path(pretrained_weights).is_file():
-            raise NnsslError(f"-pretrained_weights {pretrained_weights} does not exist.")
-        if is_nnunet_checkpoint(pretrained_weights):
-            if continue_training:
-                raise NnsslError(f"-pretrained_weights {pretrained_weights} is an nnU-Net training checkpoint, which "
-                                 f"nnU-Net only loads at the start of a training; --c continues from this fold's own "
-                                 f"checkpoint. Drop one of the two options.")
-            self.loads_nnunet_weights = True
-            return pretrained_weights
-        self.encoder_checkpoint_path = Path(pretrained_weights)
-        if self.loads_nnunet_weights:
-            self.print_to_log_file(f"nnssl: --c/--val restore this fold's nnU-Net checkpoint; the encoder "
-                                   f"{pretrained_weights} is not loaded")
-        return None
-
-    # -- optimisation and checkpoints -----------------------------------------------------------------
+    # -- optimisation ---------------------------------------------------------------------------------
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
         warmup_epochs = max(1, round(self.warmup_fraction * self.num_epochs)) if self.num_epochs > 1 else 0
         return optimizer, EpochWarmupCosineLR(optimizer, self.initial_lr, self.num_epochs, warmup_epochs)
-
-    def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint, written atomically: a kill or a full disk while saving never leaves a truncated
-        file (a full disk stops the training with a message naming the file and the free space)."""
-        if self.local_rank != 0 or self.disable_checkpointing:
-            super().save_checkpoint(filename)  # writes nothing; nnU-Net logs why
-            return
-        # through a Python file, so that a full disk is an OSError (ENOSPC), which atomic_path reports
-        with exit_on_user_error(PROG), atomic_path(filename) as tmp, open(tmp, "wb") as file:
-            super().save_checkpoint(file)
-
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        if isinstance(filename_or_checkpoint, str):
-            with exit_on_user_error(PROG):
-                _check_nnunet_checkpoint(filename_or_checkpoint)
-        try:
-            super().load_checkpoint(filename_or_checkpoint)
-        except RuntimeError as err:
-            if "state_dict" not in str(err):
-                raise
-            with exit_on_user_error(PROG):
-                raise NnsslError(
-                    f"nnU-Net checkpoint {filename_or_checkpoint} does not fit the network built from "
-                    f"{Path(self.output_folder_base) / 'plans.json'} (another backbone or trainer wrote it): "
-                    f"{str(err).splitlines()[0]}"
-                ) from None
-
-
-def _check_nnunet_checkpoint(path: str) -> None:
-    if not os.path.isfile(path):
-        raise NnsslError(f"nnU-Net checkpoint {path} does not exist.")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # torch raises many types for truncated/corrupt zip files
-        raise NnsslError(
-            f"nnU-Net checkpoint {path} is truncated or corrupt ({type(err).__name__}). Delete it: --c then "
-            f"continues from the fold's next checkpoint ({', '.join(NNUNET_CHECKPOINTS)}, in that order), or starts "
-            f"the fold again if none is left."
-        ) from None
-    if not isinstance(blob, dict) or "network_weights" not in blob:
-        raise NnsslError(f"{path} is not an nnU-Net training checkpoint (no 'network_weights').")
-
-
-def _route_pretrained_weights(original):
-    """Wrap nnU-Net's ``maybe_load_checkpoint`` so ``-pretrained_weights`` reaches our trainers.
-
-    nnU-Net 2.8.1 loads ``-pretrained_weights`` itself after ``initialize()`` and demands every network
-    key; an encoder-only file needs our route: the trainer loads it inside ``initialize()``. nnU-Net
-    training checkpoints still go through nnU-Net's loader. The trainer also learns whether ``--c``/
-    ``--val`` will restore an nnU-Net checkpoint, so that no SSL weights are needed then.
-    """
-
-    @functools.wraps(original)
-    def maybe_load_checkpoint(nnunet_trainer, continue_training, validation_only, pretrained_weights_file=None):
-        if isinstance(nnunet_trainer, SwinUNETR_Scratch_Trainer):
-            with exit_on_user_error(PROG):
-                pretrained_weights_file = nnunet_trainer.route_checkpoints(continue_training, validation_only,
-                                                                           pretrained_weights_file)
-        return original(nnunet_trainer, continue_training, validation_only, pretrained_weights_file)
-
-    maybe_load_checkpoint.nnssl_wrapped = True
-    return maybe_load_checkpoint
-
-
-if not getattr(nnunet_run_training.maybe_load_checkpoint, "nnssl_wrapped", False):
-    nnunet_run_training.maybe_load_checkpoint = _route_pretrained_weights(nnunet_run_training.maybe_load_checkpoint)
 
 
 def _method_trainer(method: str, name: str) -> type[SwinUNETR_Scratch_Trainer]:

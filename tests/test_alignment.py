@@ -7,12 +7,16 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import CORPUS_ID, run_cli, train_without_validation
+from nnssl import align_plans as align_module
+from nnssl import io
 from nnssl.align_plans import swin_patch_within
 from nnssl.checkpoints import save_encoder
 from nnssl.data.loader import load_corpus
@@ -29,6 +33,30 @@ def test_swin_patch_keeps_nnunets_voxel_budget():
     assert swin_patch_within([128, 128, 128], [300, 300, 300]) == [128, 128, 128]
     patch = swin_patch_within([80, 160, 112], [90, 200, 150])
     assert all(s % 32 == 0 for s in patch) and math.prod(patch) <= 80 * 160 * 112
+
+
+# exits 3 when another process holds the nnssl.io lock of the file argv[1] names
+LOCK_HELD = ("import os, sys; from pathlib import Path; from nnssl.io import try_lock; "
+             "lock = Path(sys.argv[1]); sys.exit(0 if try_lock(os.open(lock, os.O_RDWR | os.O_CREAT), lock) else 3)")
+
+
+def test_aligning_writes_the_plans_under_their_lock(ct_task, pretrain_corpus, monkeypatch):
+    identifier = "nnsslLockTest"  # its own plans file: the other tests' aligned plans stay as they are
+    plans_file = ct_task.preprocessed / f"{identifier}.json"
+    lock_held = []
+
+    def save_json_checking_the_lock(obj, path):
+        lock = Path(path).parent / f".{Path(path).name}.lock"
+        lock_held.append(subprocess.run([sys.executable, "-c", LOCK_HELD, str(lock)]).returncode == 3)
+        io.save_json(obj, path)
+
+    monkeypatch.setattr(align_module, "save_json", save_json_checking_the_lock)
+    try:
+        align_module.align_plans([ct_task.dataset_id], CORPUS_ID, identifier, preprocess=False)
+        assert json.loads(plans_file.read_text())["plans_name"] == identifier
+    finally:
+        plans_file.unlink(missing_ok=True)
+    assert lock_held == [True]
 
 
 @pytest.fixture(scope="module")

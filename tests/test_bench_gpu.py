@@ -25,8 +25,10 @@ def test_full_benchmark_refuses_to_run_without_cuda(capsys, tmp_path):
 
 
 def test_dry_run_measures_every_row_and_writes_them(monkeypatch, capsys, tmp_path):
-    # the dry-run sizes with one variant and one method: every function of the script, in a fraction of the time
-    sizes = replace(bench_gpu.SIZES["cpu"], variants={"fp32": {"precision": "fp32"}}, methods=["simmim"])
+    # the dry-run sizes with one variant, one method and one step per memory probe: every function of the script,
+    # in a fraction of the time
+    sizes = replace(bench_gpu.SIZES["cpu"], variants={"fp32": {"precision": "fp32"}}, methods=["simmim"],
+                    memory_steps=1)
     monkeypatch.setitem(bench_gpu.SIZES, "cpu", sizes)
     results = tmp_path / "results.json"
     torch.set_num_threads(1)

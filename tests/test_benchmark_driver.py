@@ -13,7 +13,8 @@ from nnssl.benchmark import allocation, driver
 from nnssl.benchmark.allocation import local_share, share_env
 from nnssl.benchmark.driver import check_fewshot, cpu_slots, gpu_slots, run_benchmark
 from nnssl.benchmark.executor import ALREADY_DONE, FAILED, OK, SKIPPED, format_summary, run_jobs
-from nnssl.benchmark.jobs import DONE, NEW, RESUME, DiskState, Job, Settings, plan_study, select
+from nnssl.benchmark.jobs import Job, Settings, plan_study, select
+from nnssl.benchmark.results_state import DONE, NEW, RESUME, DiskState
 from nnssl.benchmark.study import load_study
 from nnssl.errors import NnsslError
 
@@ -90,11 +91,14 @@ def test_dry_run_lists_every_command_of_the_full_study(no_roots):
                         r'3d_fullres:5" "\$nnUNet_results/Dataset003_Liver/SwinUNETR_SimCLR_Trainer__nnsslPlans__'
                         r'3d_fullres:0" -o "\$nnssl_results/benchmark/cka/Dataset003_Liver/SwinUNETR_SimCLR_Trainer/'
                         r'1shot_fold0_seed0"', cka.shell())
-    # every method's study encoder (random for scratch) is probed on the plan's probe task before fine-tuning
-    assert jobs["probe"][-1].shell() == ('nnssl_probe random -d 511 -o "$nnssl_results/benchmark/probe/'
-                                         'Dataset511_BTCV/scratch" -p nnsslPlans --backbone paper')
-    assert jobs["probe"][0].shell().startswith("nnssl_run=paper_d501 nnssl_probe simclr -d 511 -o ")
-    assert set(jobs["probe"][0].deps) == {"plan/Dataset511_BTCV", "pretrain/simclr"}
+    # every method's study encoder is probed on the plan's probe task before fine-tuning, beside one probe of
+    # random (scratch's starting point) that all of them share instead of probing it again each
+    random_probe = '"$nnssl_results/benchmark/probe/Dataset511_BTCV/random'
+    assert jobs["probe"][0].shell() == f'nnssl_probe random -d 511 -o {random_probe}" -p nnsslPlans --backbone paper'
+    assert [j.command[1] for j in jobs["probe"]].count("random") == 1
+    assert jobs["probe"][1].shell().startswith("nnssl_run=paper_d501 nnssl_probe simclr -d 511 -o ")
+    assert jobs["probe"][1].shell().endswith(f"--random-from {random_probe}/probe.json\"")
+    assert set(jobs["probe"][1].deps) == {"plan/Dataset511_BTCV", "pretrain/simclr", "probe/Dataset511_BTCV/random"}
     assert set(smit.after) == {j.id for j in jobs["probe"]}
     report = jobs["report"][0]
     assert report.command[:10] == ("nnssl_report", "3", "6", "7", "511", "512", "513", "514", "515", "1")

@@ -79,14 +79,16 @@ def test_compiled_training_step_equals_eager_under_aot_eager():
 
 
 def test_sliding_window_inference_of_two_cases_compiles_once_without_graph_breaks():
+    # graph breaks and recompiles are dynamo's (the tracing); the "eager" backend runs the traced graph without
+    # AOTAutograd, whose numbers the training-step test above already compares
     eager, compiled_net = _network(), _network()
     compiled_net.load_state_dict(eager.state_dict())
-    backend = CompileCounterWithBackend("aot_eager")
+    backend = CompileCounterWithBackend("eager")
     predictors = {name: sliding_window_predictor(net, PATCH, "cpu", mirroring=False)
                   for name, net in (("eager", eager), ("compiled", torch.compile(compiled_net, backend=backend)))}
-    # two cases of different sizes: one smaller than the patch along x (nnU-Net pads it), one needing 3 x 2 x 2 tiles
+    # two cases of different sizes: one smaller than the patch along x (nnU-Net pads it), one needing 2 x 2 x 2 tiles
     cases = [torch.randn(1, 24, 40, 70, generator=torch.Generator().manual_seed(2)),
-             torch.randn(1, 60, 48, 96, generator=torch.Generator().manual_seed(3))]
+             torch.randn(1, 40, 48, 80, generator=torch.Generator().manual_seed(3))]
     for case in cases:
         logits = {name: p.predict_sliding_window_return_logits(case) for name, p in predictors.items()}
         assert logits["compiled"].shape == (2, *case.shape[1:])

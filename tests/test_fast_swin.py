@@ -17,7 +17,7 @@ from monai.networks.nets.swin_unetr import window_partition
 
 from nnssl.errors import NnsslError
 from nnssl.networks import build_encoder, build_swinunetr, get_preset
-from nnssl.networks import fast_swin
+from nnssl.networks import fast_decoder, fast_swin
 from nnssl.networks.fast_swin import FastSwinUNETR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,11 +122,24 @@ def test_activation_checkpointing_gives_the_same_gradients():
     plain, _ = _pair("swinunetr", "tiny", torch.float32)
     checkpointed, _ = _pair("swinunetr", "tiny", torch.float32, use_checkpoint=True)
     assert checkpointed.use_checkpoint and checkpointed.swinViT.layers1[0].blocks[0].use_checkpoint
-    x = torch.randn(1, 1, 32, 32, 64)
+    x = torch.randn(1, 1, 32, 32, 64)  # the full-resolution decoder block takes its segmented, folded path
     expected, got = _outputs_and_grads(plain, x), _outputs_and_grads(checkpointed, x)
     # the backward recomputes every block with the same kernels on the same inputs: identical, bit for bit
     # (nnssl_checkpointing=1, nnssl_pretrain --grad-checkpointing)
     _assert_same(got, expected, atol=0)
+    # what the forward keeps for the backward: recomputed blocks and segments keep no activations of their own
+    # (a fifth of the plain network's bytes remain here: block outputs, patch merging, output norms)
+    plain_bytes, checkpointed_bytes = _saved_bytes(plain, x), _saved_bytes(checkpointed, x)
+    assert checkpointed_bytes < 0.25 * plain_bytes, (checkpointed_bytes, plain_bytes)
+
+
+def _saved_bytes(net: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the tensors autograd saves for the backward in one forward (outside checkpointed regions)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        net(x.clone().requires_grad_())
+    return sum(saved)
 
 
 def test_bf16_autocast_runs_the_fast_path():
@@ -158,7 +171,7 @@ def test_folded_upsampling_equals_transposed_then_3x3_convolution():
     conv = torch.randn(3, 7, 3, 3, 3, dtype=torch.float64)
     expected = F.conv3d(F.conv_transpose3d(x, up, stride=2), conv, padding=1)
     got = torch.zeros_like(expected)
-    fast_swin._InterleaveAdd.apply(got, F.conv3d(x, fast_swin.upconv_weight(up, conv), padding=1))
+    fast_decoder._InterleaveAdd.apply(got, F.conv3d(x, fast_decoder.upconv_weight(up, conv), padding=1))
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 

@@ -1,8 +1,8 @@
 """Issue 6 fine-tuning: SwinUNETR_<Method>_Trainer under the real nnUNetv2_train, from a real nnssl_pretrain run.
 
 One fold is fine-tuned end to end (killed with SIGKILL after its first checkpoint, continued with --c without
-nnU-Net's final validation, validated with --val, used by nnUNetv2_predict); the encoder-choice rules and the errors are
-checked on trainers initialised in this process (nnU-Net's own get_trainer_from_args and
+nnU-Net's final validation, validated with --val, used by nnUNetv2_predict); the encoder-choice rules and the
+errors are checked on trainers initialised in this process (nnU-Net's own get_trainer_from_args and
 maybe_load_checkpoint), which builds the network but trains nothing.
 """
 import json
@@ -23,7 +23,8 @@ from nnssl.checkpoints import EncoderCheckpoint, load_encoder_file, load_encoder
 from nnssl.data.synthetic import LABELS
 from nnssl.methods.registry import list_methods
 from nnssl.networks import ENCODER_PREFIX, SwinEncoder, build_swinunetr, encoder_state_dict, get_preset
-from nnssl_trainers.swinunetr import METHOD_TRAINERS, encoder_fingerprint
+from nnssl_trainers.pretrained_encoder import encoder_fingerprint
+from nnssl_trainers.swinunetr import METHOD_TRAINERS
 
 TINY = get_preset("tiny")
 E2E_RUN = "finetune_e2e"

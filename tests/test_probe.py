@@ -19,8 +19,10 @@ from nnssl.checkpoints import save_encoder
 from nnssl.io import save_json
 from nnssl.networks import get_preset
 from nnssl.networks.swin import build_encoder
-from nnssl.probe.data import ProbeCases, load_probe_data
-from nnssl.probe.linear import PROBE_STAGES, LinearProbe, voxel_features
+from nnssl.errors import NnsslError
+from nnssl.probe import run as probe_run
+from nnssl.probe.data import ProbeCases, ProbeData, load_probe_data
+from nnssl.probe.linear import PROBE_STAGES, LinearProbe, ProbeSettings, voxel_features
 
 log = logging.getLogger(__name__)
 CHEAP = ("--patches-per-case", "1", "--steps", "100", "-device", "cpu")  # a probe in a few seconds
@@ -109,3 +111,38 @@ def test_probe_sees_pretraining_and_separates_a_fitted_encoder_from_random(ct_ta
     assert fitted["encoder"]["mean_dice"] > fitted["random"]["mean_dice"] + 0.1
     # deterministic: two processes probing the same random encoder on the same voxels agree exactly
     assert fitted["random"] == pretrained["random"]
+
+
+def _tiny_probe_data(cases: ProbeCases) -> ProbeData:
+    """Two 32^3 training patches and one validation case of random intensities, one foreground class."""
+    generator = torch.Generator().manual_seed(0)
+    labels = (torch.rand(32, 32, 32, generator=generator) > 0.5).to(torch.uint8)
+    return ProbeData(dataset="Dataset999_Tiny", labels={"organ": 1}, in_channels=1, patch_size=(32, 32, 32),
+                     train_cases=["a"], val_cases=["b"], train_images=torch.rand(2, 1, 32, 32, 32, generator=generator),
+                     train_voxels=torch.randint(32, (2, 16, 3), generator=generator),
+                     train_labels=torch.randint(2, (2, 16), generator=generator),
+                     val_images=[torch.rand(1, 32, 32, 32, generator=generator)], val_labels=[labels])
+
+
+def test_a_probe_takes_the_random_baseline_of_an_earlier_random_probe(tmp_path, monkeypatch):
+    monkeypatch.setattr(probe_run, "load_probe_data", _tiny_probe_data)
+    probed = []  # the encoders probed (the classifier itself is tested above and in the slow test)
+    monkeypatch.setattr(probe_run, "probe_encoder", lambda network, *args: probed.append(network) or
+                        {"dice": {"organ": 0.1 * len(probed)}, "mean_dice": 0.1 * len(probed)})
+    cases, settings = ProbeCases(dataset=999, patches_per_case=1), ProbeSettings(steps=2)
+    shared = probe_run.run_probe("random", cases, tmp_path / "random", settings, backbone="tiny", device="cpu")
+    torch.manual_seed(3)
+    save_encoder(tmp_path / "other.pth", build_encoder(get_preset("tiny"), in_channels=1),
+                 {"backbone": get_preset("tiny").to_dict(), "in_channels": 1, "method": "supervised"})
+    record = probe_run.run_probe(str(tmp_path / "other.pth"), cases, tmp_path / "other", settings, device="cpu",
+                                 random_from=tmp_path / "random" / "probe.json")
+    assert len(probed) == 2 and record["random"] == shared["random"]  # the encoder only; random is copied
+    assert record["encoder"]["mean_dice"] == pytest.approx(0.2) and record["task"] == shared["task"]
+    with pytest.raises(NnsslError, match=r"probed another setting: seed, steps differ \(seed: 0 there, 1 here"):
+        probe_run.run_probe(str(tmp_path / "other.pth"), cases, tmp_path / "x", ProbeSettings(steps=3, seed=1),
+                            device="cpu", random_from=tmp_path / "random" / "probe.json")
+    with pytest.raises(NnsslError, match="does not exist"):
+        probe_run.run_probe(str(tmp_path / "other.pth"), cases, tmp_path / "x", settings, device="cpu",
+                            random_from=tmp_path / "nowhere.json")
+    with pytest.raises(NnsslError, match="ENCODER is 'random' itself"):
+        probe_run.run_probe("random", cases, tmp_path / "x", settings, random_from=tmp_path / "random" / "probe.json")

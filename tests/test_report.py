@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from nnssl.analysis.report import convergence, descending_ranks, make_report
+from nnssl.analysis.report import make_report
 from nnssl.analysis.results import dataset_modality, method_family, shot_setting
+from nnssl.analysis.summary_tables import convergence, descending_ranks
 from nnssl.cli.report import main as report_main
 from nnssl.errors import NnsslError
 from nnssl.io import save_json
@@ -98,6 +99,7 @@ def write_results(results, preprocessed):
         (preprocessed / dataset).mkdir(parents=True)
         if dataset != "Dataset803_MRa":
             save_json(FEWSHOT, preprocessed / dataset / "fewshot.json")
+            (preprocessed / dataset / ".splits_final.json.lock").touch()
         for method, folds in methods.items():
             model = results / dataset / f"{TRAINERS[method]}__nnUNetPlans__3d_fullres"
             model.mkdir(parents=True)
@@ -107,6 +109,7 @@ def write_results(results, preprocessed):
                        "configurations": {"3d_fullres": {"patch_size": [32, 64, 96], "nnssl": settings}}},
                       model / "plans.json")
             save_json(dataset_json, model / "dataset.json")
+            (model / ".plans.json.lock").touch()  # as nnssl.io.locked leaves them: not data
             for fold, content in folds.items():
                 write_fold(model, dataset, TRAINERS[method], fold, content,
                            CURVES.get((dataset, method, fold), DEFAULT_CURVE))
@@ -280,3 +283,20 @@ def test_report_rejects_bad_input(tmp_path, monkeypatch, capsys, dummy_registry)
         report_main(["999", "-o", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert "nnssl_report: error: No dataset '999'" in capsys.readouterr().err
+
+
+def test_unreadable_checkpoints_are_skipped_with_a_note(tmp_path, monkeypatch, dummy_registry):
+    use_results(monkeypatch, tmp_path)
+    results = tmp_path / "results" / "Dataset801_CTa"
+    final = results / "SwinUNETR_DINO_Trainer__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth"
+    final.write_bytes(final.read_bytes()[:200])  # truncated by a kill
+    latest = results / "SwinUNETR_Scratch_Trainer__nnUNetPlans__3d_fullres" / "fold_1" / "checkpoint_latest.pth"
+    latest.write_text("not a torch file")  # foreign
+    tables = make_report(datasets=["801"], output=tmp_path / "out")
+    folds = {(r["method"], r["fold"]): r for r in tables["folds"]}
+    assert folds[("dino", "0")]["status"] == "finished" and folds[("dino", "0")]["epochs"] is None
+    assert folds[("dino", "0")]["dice_mean"] == pytest.approx(0.6)  # summary.json still counts
+    assert "checkpoint_latest.pth cannot be read: delete it first" in folds[("scratch", "1")]["detail"]
+    notes = (tmp_path / "out" / "report.md").read_text(encoding="utf-8").split("## Notes")[1]
+    for path in (final, latest):
+        assert f"- {path} is not a readable nnU-Net checkpoint (" in notes

@@ -195,7 +195,7 @@ def encoder_model_of(trained: Model) -> Model:
 def build_encoder_model(model: Model, num_channels: int) -> None:
     """Give an encoder-only model its network for ``num_channels`` inputs (the patch embedding adapted as in
     fine-tuning, :func:`nnssl.checkpoints.adapt_patch_embedding`)."""
-    from nnssl_trainers.swinunetr import encoder_fingerprint
+    from nnssl_trainers.pretrained_encoder import encoder_fingerprint
 
     holder = nn.Module()  # exposes the encoder as ``swinViT``, as in a SwinUNETR
     holder.swinViT = build_pretrained_encoder(load_encoder_file(model.checkpoint), num_channels)

@@ -9,7 +9,8 @@ from pathlib import Path
 from nnssl.benchmark.allocation import local_share
 from nnssl.benchmark.cluster import ClusterSettings
 from nnssl.benchmark.executor import FAILED, INTERRUPTED, SKIPPED, JobResult, format_summary, run_jobs
-from nnssl.benchmark.jobs import DONE, KINDS, DiskState, Job, Settings, StudyPlan, plan_study, select
+from nnssl.benchmark.jobs import DONE, KINDS, Job, Settings, StudyPlan, plan_study, select
+from nnssl.benchmark.results_state import DiskState
 from nnssl.benchmark.study import Study, load_study
 from nnssl.errors import NnsslError
 from nnssl.fewshot import load_fewshot

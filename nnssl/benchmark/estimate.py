@@ -10,7 +10,8 @@ import re
 import statistics
 from pathlib import Path
 
-from nnssl.benchmark.jobs import DONE, DiskState, StudyPlan
+from nnssl.benchmark.jobs import StudyPlan
+from nnssl.benchmark.results_state import DONE, DiskState
 from nnssl.benchmark.study import Study
 from nnssl.io import load_json
 from nnssl.plans import load_plan

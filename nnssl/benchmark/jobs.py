@@ -2,7 +2,8 @@
 
 :func:`plan_study` is pure: given the study (``plans/benchmark.json``), a selection, settings and a
 :class:`ResultsState` (what is already on disk), it returns every job with its exact command, whether it is
-``new``, to ``resume`` or ``done``, and its dependencies. Reading the disk is :class:`DiskState`'s job;
+``new``, to ``resume`` or ``done``, and its dependencies. Reading the disk is
+:class:`~nnssl.benchmark.results_state.DiskState`'s job;
 running is :mod:`nnssl.benchmark.executor`'s.
 
 Jobs, in the order they are listed (and started when their dependencies allow):
@@ -11,8 +12,9 @@ Jobs, in the order they are listed (and started when their dependencies allow):
 - ``plan``: ``nnUNetv2_plan_and_preprocess -d ID -c 3d_fullres --verify_dataset_integrity`` per dataset;
 - ``pretrain``: ``nnssl_pretrain -m M -d 501 --backbone paper --run paper_d501`` per method (``--resume``
   when the run folder exists without ``encoder_final.pth``);
-- ``probe``: ``nnssl_probe M -d ID -o ...`` per method (``random`` for scratch) on the plan's probe task, if it
-  names one; fine-tuning starts after it, whatever its outcome;
+- ``probe``: ``nnssl_probe random -d ID -o ...`` once, then ``nnssl_probe M -d ID -o ... --random-from ...`` per
+  pretrained method (sharing that random baseline) on the plan's probe task, if it names one; fine-tuning starts
+  after them, whatever their outcome;
 - ``fewshot``: ``nnssl_fewshot ID --shots ... --folds 0 1 2 3 4 --seed S`` per task and seed;
 - ``finetune``: ``nnUNetv2_train ID 3d_fullres FOLD -tr SwinUNETR_<M>_Trainer`` per task, trainer and fold
   (``--c`` when a checkpoint exists; done when ``checkpoint_final.pth`` and ``validation/summary.json``
@@ -26,17 +28,16 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
 
 from nnssl.align_plans import CORPUS_PLANS
 from nnssl.benchmark.budget import Budget, method_budget
+from nnssl.benchmark.results_state import DONE, NEW, RESUME, ResultsState
 from nnssl.benchmark.study import BaselineSpec, Study, TaskSpec
 from nnssl.errors import NnsslError
-from nnssl.fewshot import FEWSHOT_FILENAME, NUM_MANY_SHOT_FOLDS, SPLITS_FILENAME, plan_fewshot_folds
-from nnssl.io import load_json
+from nnssl.fewshot import NUM_MANY_SHOT_FOLDS, plan_fewshot_folds
 
-NEW, RESUME, DONE = "new", "resume", "done"
 MANY_SHOT = "all"  # the --shots value of nnU-Net's folds 0-4
+RANDOM_PROBE = "random"  # nnssl_probe's ENCODER for the randomly initialised encoder scratch starts from
 KINDS = ("prepare", "plan", "pretrain", "probe", "fewshot", "finetune", "cka", "report")
 
 
@@ -102,20 +103,6 @@ class StudyPlan:
     jobs: list[Job]
     missing: list[str] = field(default_factory=list)  # inputs no job can make; each says what to run
     budgets: dict[str, Budget] = field(default_factory=dict)  # pretraining budget per method
-
-
-class ResultsState(Protocol):
-    """What the planner needs to know about the disk."""
-
-    def raw_ready(self, dataset: str) -> bool: ...
-    def preprocessed(self, dataset: str, plans: str | None = None) -> bool: ...  # None: the study's plans
-    def fewshot(self, dataset: str) -> tuple[dict[str, dict], int]: ...  # fewshot.json folds, folds in splits
-    def pretrain(self, method: str, run: str) -> str: ...
-    def finetune(self, dataset: str, trainer: str, fold: int, plans: str | None = None,
-                 configuration: str | None = None) -> str: ...
-    def model_folder(self, dataset: str, trainer: str, plans: str | None = None,
-                     configuration: str | None = None) -> Path: ...
-    def file_exists(self, path: Path) -> bool: ...
 
 
 def select(study: Study, tasks: list[str] | None = None, methods: list[str] | None = None,
@@ -195,15 +182,16 @@ def plan_study(study: Study, selection: Selection, settings: Settings, state: Re
 
 
 def probe_root(settings: Settings) -> Path:
-    """Where the study's probe jobs write: ``<output>/probe/<dataset>/<method>/probe.json``."""
+    """Where the study's probe jobs write: ``<output>/probe/<dataset>/<method or random>/probe.json``."""
     return settings.output / "probe"
 
 
 def _probe_jobs(study: Study, selection: Selection, settings: Settings, state: ResultsState,
                 plan_jobs: dict[str, Job], pretrain_jobs: dict[str, Job], corpus_job: Job | None,
                 plan: StudyPlan) -> list[Job]:
-    """``nnssl_probe`` of each selected method's study encoder (``random`` for scratch) on the probe task."""
-    if study.probe_task is None:
+    """``nnssl_probe`` of each selected method's study encoder on the probe task, after one probe of ``random``
+    (scratch's starting point) whose result every method's probe.json takes as its baseline (``--random-from``)."""
+    if study.probe_task is None or not selection.methods:
         return []
     task = study.tasks[study.probe_task]
     plan_job = plan_jobs.get(task.key)
@@ -211,18 +199,21 @@ def _probe_jobs(study: Study, selection: Selection, settings: Settings, state: R
         plan_job = (_align_job(study, task, state, corpus_job) if study.aligned
                     else _plan_job(study, task.dataset_id, task.dataset, state))
         plan.jobs.append(plan_job)
-    jobs = []
-    for name in selection.methods:
-        method = study.methods[name]
+    options = [*_device_flag(settings), *study.probe_args]
+    options += ["-p", study.plans_identifier] if study.plans_identifier != CORPUS_PLANS else []  # fine-tuning's
+    random_out = probe_root(settings) / task.dataset / RANDOM_PROBE
+    jobs = [Job(f"probe/{task.dataset}/{RANDOM_PROBE}", "probe",
+                ("nnssl_probe", RANDOM_PROBE, "-d", str(task.dataset_id), "-o", str(random_out), *options,
+                 "--backbone", study.backbone),
+                DONE if state.file_exists(random_out / "probe.json") else NEW, deps=_ids(plan_job), gpu=True)]
+    for name in (m for m in selection.methods if study.methods[m].pretrained):
         out = probe_root(settings) / task.dataset / name
-        command = ["nnssl_probe", name if method.pretrained else "random", "-d", str(task.dataset_id), "-o", str(out),
-                   *_device_flag(settings), *study.probe_args]
-        command += ["-p", study.plans_identifier] if study.plans_identifier != CORPUS_PLANS else []  # fine-tuning's
-        command += [] if method.pretrained else ["--backbone", study.backbone]
-        env = (("nnssl_run", study.corpus_run),) if method.pretrained else ()  # the study's run, not the newest
-        jobs.append(Job(f"probe/{task.dataset}/{name}", "probe", tuple(command),
+        command = ("nnssl_probe", name, "-d", str(task.dataset_id), "-o", str(out), *options,
+                   "--random-from", str(random_out / "probe.json"))
+        jobs.append(Job(f"probe/{task.dataset}/{name}", "probe", command,
                         DONE if state.file_exists(out / "probe.json") else NEW,
-                        deps=_ids(plan_job, pretrain_jobs.get(name)), env=env, gpu=True))
+                        deps=_ids(plan_job, pretrain_jobs.get(name), jobs[0]),
+                        env=(("nnssl_run", study.corpus_run),), gpu=True))  # the study's run, not the newest
     plan.jobs += jobs
     return jobs
 
@@ -365,70 +356,3 @@ def _cka_job(study: Study, task: TaskSpec, trainer: str, shots: int, base: int, 
     done = state.file_exists(out / "cka.json")
     return Job(f"cka/{task.dataset}/{trainer}/{shots}shot_fold{base}_seed{seed}", "cka", command,
                DONE if done else NEW, deps=_ids(*pair), gpu=True)
-
-
-# -- what is on disk ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DiskState:
-    """:class:`ResultsState` read from nnU-Net's and nnssl's folders (missing folders: nothing is done)."""
-
-    raw_dir: Path
-    preprocessed_dir: Path
-    results_dir: Path
-    nnssl_results_dir: Path
-    study: Study
-
-    def raw_ready(self, dataset: str) -> bool:
-        from nnssl.benchmark.raw_dataset import is_complete
-
-        return is_complete(self.raw_dir / dataset)
-
-    def preprocessed(self, dataset: str, plans: str | None = None) -> bool:
-        """``plans`` (default: the study's) written and one preprocessed case (``.pkl``, nnU-Net writes it last) per
-        training case."""
-        folder = self.preprocessed_dir / dataset
-        plans, meta = folder / f"{plans or self.study.plans_identifier}.json", folder / "dataset.json"
-        if not plans.is_file() or not meta.is_file():
-            return False
-        try:
-            expected = load_json(meta)["numTraining"]
-            data = load_json(plans)["configurations"][self.study.configuration]["data_identifier"]
-        except (ValueError, KeyError):
-            return False
-        return len(list((folder / data).glob("*.pkl"))) == expected
-
-    def fewshot(self, dataset: str) -> tuple[dict[str, dict], int]:
-        from nnssl.fewshot import load_fewshot
-
-        folder = self.preprocessed_dir / dataset
-        splits = folder / SPLITS_FILENAME
-        try:
-            num_splits = len(load_json(splits)) if splits.is_file() else 0
-        except ValueError:
-            raise NnsslError(f"{splits} is damaged; restore it or delete it with {FEWSHOT_FILENAME}.") from None
-        return load_fewshot(folder), num_splits
-
-    def pretrain(self, method: str, run: str) -> str:
-        folder = self.nnssl_results_dir / method / run
-        if (folder / "encoder_final.pth").is_file():
-            return DONE
-        return RESUME if (folder / "config.json").is_file() else NEW
-
-    def model_folder(self, dataset: str, trainer: str, plans: str | None = None,
-                     configuration: str | None = None) -> Path:
-        """nnU-Net's trained-model folder ``$nnUNet_results/DatasetXXX/<trainer>__<plans>__<configuration>``
-        (the study's plans and configuration unless given)."""
-        return self.results_dir / dataset / (f"{trainer}__{plans or self.study.plans_identifier}__"
-                                             f"{configuration or self.study.configuration}")
-
-    def finetune(self, dataset: str, trainer: str, fold: int, plans: str | None = None,
-                 configuration: str | None = None) -> str:
-        folder = self.model_folder(dataset, trainer, plans, configuration) / f"fold_{fold}"
-        final = (folder / "checkpoint_final.pth").is_file()
-        if final and (folder / "validation" / "summary.json").is_file():
-            return DONE
-        # --c continues from checkpoint_latest.pth, or only validates when checkpoint_final.pth exists
-        return RESUME if final or (folder / "checkpoint_latest.pth").is_file() else NEW
-
-    def file_exists(self, path: Path) -> bool:
-        return path.is_file()

@@ -5,6 +5,7 @@ corpus) lives in that file; code reads it through :func:`load_study` and never r
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,12 @@ from typing import Any
 from nnssl.align_plans import CORPUS_PLANS
 from nnssl.benchmark.budget import PretrainingProtocol, parse_protocol
 from nnssl.errors import NnsslError
-from nnssl.plans import did_you_mean, load_plan
+from nnssl.plans import did_you_mean, load_plan, plans_dir
+from nnssl.plans_variants import variant_identifier
 
 DEFAULT_PLAN = "benchmark.json"
 MODALITIES = ("CT", "MRI")
+IMPORTED_TRAINER = "SwinUNETR_Imported_Trainer"  # fine-tunes encoders the study does not pretrain
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,14 @@ class MethodSpec:
     name: str  # nnssl_pretrain -m name ("scratch" has no pretraining)
     trainer: str
     pretrained: bool
+    # an imported encoder (public weights converted by nnssl_import): not pretrained by the study, fine-tuned by
+    # SwinUNETR_Imported_Trainer in its own plans variant <plans>_<name> (nnssl.plans_variants)
+    encoder_file: Path | None = None
+
+    @property
+    def pretrains(self) -> bool:
+        """Whether the study runs nnssl_pretrain for this method."""
+        return self.pretrained and self.encoder_file is None
 
 
 @dataclass(frozen=True)
@@ -150,8 +161,7 @@ def _parse(data: dict[str, Any], source: Path) -> Study:
     if duplicated:
         raise NnsslError(f"{source}: dataset id(s) {duplicated} are used twice; every task and the corpus "
                          f"need their own nnU-Net id.")
-    methods = {name: MethodSpec(name, entry["trainer"], bool(entry.get("pretrained", True)))
-               for name, entry in data["methods"].items()}
+    methods = {name: _parse_method(name, entry, source) for name, entry in data["methods"].items()}
     clash = sorted(set(methods) & set(data.get("baselines", {})))
     if clash:
         raise NnsslError(f"{source}: {clash} named both as method and as baseline; give the baseline another name.")
@@ -170,6 +180,19 @@ def _parse(data: dict[str, Any], source: Path) -> Study:
         probe_args=tuple(str(a) for a in (data.get("probe") or {}).get("args", [])),
         pretraining=parse_protocol(data.get("pretraining"), str(source)),
     )
+
+
+def _parse_method(name: str, entry: dict[str, Any], source: Path) -> MethodSpec:
+    if "encoder_file" not in entry:
+        return MethodSpec(name, entry["trainer"], bool(entry.get("pretrained", True)))
+    if entry["trainer"] != IMPORTED_TRAINER:
+        raise NnsslError(f"{source}: method {name} names an encoder_file, which only {IMPORTED_TRAINER} reads; "
+                         f"set \"trainer\": \"{IMPORTED_TRAINER}\".")
+    variant_identifier("x", name)  # the method name becomes part of a plans identifier: check it now
+    # relative to the plan file, so that a study folder with its encoders can move
+    folder = source.parent if source.is_absolute() else plans_dir()
+    path = folder / os.path.expanduser(os.path.expandvars(str(entry["encoder_file"])))
+    return MethodSpec(name, IMPORTED_TRAINER, True, path.resolve())
 
 
 def _probe_task(entry: dict[str, Any] | None, tasks: dict[str, TaskSpec], source: Path) -> str | None:

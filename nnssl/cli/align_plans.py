@@ -29,9 +29,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-np", dest="num_processes", type=int, default=4,
                         help="worker processes of nnU-Net's fingerprinting and preprocessing (default 4)")
     parser.add_argument("--no_pp", action="store_true", help="write the plans only; do not preprocess")
+    parser.add_argument("--variant", metavar="NAME", default=None,
+                        help="instead of aligning: write the plans variant IDENTIFIER_NAME of the (already written) "
+                             "plans IDENTIFIER, which shares their preprocessed data and gives the trainer the --knob "
+                             "values as defaults; one model folder per variant (e.g. per imported encoder)")
+    parser.add_argument("--knob", dest="knobs", action="append", default=[], metavar="nnssl_KNOB=VALUE",
+                        help="a trainer knob the variant sets, e.g. --knob nnssl_encoder_file=/enc/voco.pth "
+                             "(repeatable; an environment variable of the same name still wins)")
     args = parser.parse_args(argv)
     setup_logging()
+    if args.knobs and args.variant is None:
+        parser.error("--knob needs --variant NAME: knobs are recorded in a plans variant")
     with exit_on_user_error("nnssl_align_plans"):
+        if args.variant is not None:
+            _write_variants(args.datasets, args.plans_identifier, args.variant, args.knobs, parser)
+            return 0
         from nnssl.benchmark.study import load_study
 
         study = load_study(args.study)
@@ -39,6 +51,21 @@ def main(argv: list[str] | None = None) -> int:
         align_plans(args.datasets, args.corpus or study.corpus_id, args.plans_identifier, overrides,
                     num_processes=args.num_processes, preprocess=not args.no_pp)
     return 0
+
+
+def _write_variants(datasets: list[str], plans_identifier: str, name: str, knobs: list[str],
+                    parser: argparse.ArgumentParser) -> None:
+    from nnssl.paths import preprocessed_dataset
+    from nnssl.plans_variants import write_plans_variant
+
+    pairs = [knob.partition("=") for knob in knobs]
+    bad = [knob for knob, (_, sep, _) in zip(knobs, pairs) if not sep]
+    if bad:
+        parser.error(f"--knob {bad[0]}: expected nnssl_KNOB=VALUE, e.g. --knob nnssl_encoder_file=/enc/voco.pth")
+    for dataset in datasets:
+        path = write_plans_variant(preprocessed_dataset(dataset), plans_identifier, name,
+                                   {key: value for key, _, value in pairs})
+        print(f"{path}: train with -p {path.stem}")
 
 
 if __name__ == "__main__":

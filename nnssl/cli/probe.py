@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=settings.seed,
                         help=f"seed of the few-shot cases, patch positions, classifier and random encoder "
                              f"(default {settings.seed})")
+    parser.add_argument("--random-from", metavar="PROBE_JSON",
+                        help="take the random baseline from the probe.json of an 'nnssl_probe random' run with the "
+                             "same task, options and preset instead of probing it again (nnssl_benchmark probes "
+                             "random once per task this way)")
     parser.add_argument("-device", "--device", dest="device", choices=("cuda", "cpu", "mps"),
                         help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                            plans=args.plans, patches_per_case=args.patches_per_case, seed=args.seed)
         settings = ProbeSettings(steps=args.steps, seed=args.seed)
         record = run_probe(args.encoder, cases, args.output, settings=settings,
-                           backbone=args.backbone, device=args.device)
+                           backbone=args.backbone, device=args.device, random_from=args.random_from)
     print(summary_line(record))
     return 0
 

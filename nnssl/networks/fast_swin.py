@@ -16,8 +16,7 @@ Swin Transformer; Hatamizadeh et al. 2022, Swin UNETR) and why:
 - Patch merging is one strided copy; MONAI's order of the 8 neighbours is applied to the (small)
   norm/reduction weights instead of the (large) feature map.
 - Encoder outputs are ``(B, C, D, H, W)`` views of channels-last memory, which the decoder convolutions
-  (oneDNN / cuDNN) run faster on; instance norm runs as ``group_norm`` with one group per channel, the
-  same statistic without ``instance_norm``'s reshape copies.
+  (oneDNN / cuDNN) run faster on; the decoder's own fast path is :mod:`nnssl.networks.fast_decoder`.
 """
 from __future__ import annotations
 
@@ -25,11 +24,13 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import UnetrBasicBlock, UnetResBlock, UnetrUpBlock
+from monai.networks.blocks import UnetrBasicBlock
 from monai.networks.nets import SwinUNETR
 from monai.networks.nets.swin_unetr import SwinTransformer, WindowAttention, compute_mask, get_window_size
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from nnssl.networks.fast_decoder import checkpointed_segment, pointwise_conv, res_block, up_block
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,223 +251,6 @@ def encoder_forward(encoder: SwinTransformer, x: Tensor, normalize: bool = True,
     return outs
 
 
-# ---------------------------------------------------------------------------------------------------
-# decoder
-
-# Convolutions on maps of at least this many voxels per sample run channels-last: oneDNN's 3x3x3 kernels
-# are ~1.3x faster there on CPU (fwd + bwd, bench/RESULTS.md), which outweighs the copies to and from
-# the layout instance norm needs; smaller maps stay channels-first, where PyTorch may pick its
-# im2col kernel, which copies channels-last input back.
-CHANNELS_LAST_MIN_VOXELS = 32**3
-
-
-def _transpose_copy(x: Tensor, channels_last: bool) -> Tensor:
-    """``x`` ``(B, C, D, H, W)`` copied into the other memory layout, one blocked 2D transpose per sample
-    (PyTorch's generic strided copy is ~2x slower for this on CPU)."""
-    b, c = x.shape[:2]
-    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    out = torch.empty_like(x, memory_format=fmt)
-    src = x.view(b, c, -1) if channels_last else x.permute(0, 2, 3, 4, 1).reshape(b, -1, c)
-    dst = out.permute(0, 2, 3, 4, 1).view(b, -1, c) if channels_last else out.view(b, c, -1)
-    for i in range(b):
-        dst[i].copy_(src[i].t())
-    return out
-
-
-class _ToLayout(torch.autograd.Function):
-    """Change the memory layout of a ``(B, C, D, H, W)`` tensor; the gradient goes back to the input's."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, channels_last: bool) -> Tensor:
-        ctx.channels_last = channels_last
-        return _transpose_copy(x, channels_last)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        if _is_channels_last(grad) == ctx.channels_last:
-            return _transpose_copy(grad, not ctx.channels_last), None
-        fmt = torch.contiguous_format if ctx.channels_last else torch.channels_last_3d
-        return grad.contiguous(memory_format=fmt), None
-
-
-def _is_channels_last(x: Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
-
-
-def _channels_last(x: Tensor) -> Tensor:
-    if _is_channels_last(x) or x.shape[1] == 1:
-        return x
-    return _ToLayout.apply(x.contiguous(), True)
-
-
-def _channels_first(x: Tensor) -> Tensor:
-    if x.is_contiguous():
-        return x
-    return _ToLayout.apply(x.contiguous(memory_format=torch.channels_last_3d), False)
-
-
-def _layout(x: Tensor) -> Tensor:
-    """Channels-last for large maps (see ``CHANNELS_LAST_MIN_VOXELS``), channels-first otherwise."""
-    if x[0, 0].numel() >= CHANNELS_LAST_MIN_VOXELS:
-        return _channels_last(x)
-    return _channels_first(x)
-
-
-def _instance_norm(norm: nn.Module, x: Tensor) -> Tensor:
-    """MONAI's ``InstanceNorm3d`` as ``group_norm`` with one group per channel: the same statistic, without
-    ``instance_norm``'s reshape copies (about 2x faster, fwd + bwd, on CPU). Channels-first input, because
-    PyTorch's channels-last group norm computes the variance in one pass (errors of 1e-3 when the mean
-    is large against the spread).
-
-    Under autocast it normalises in the activation's dtype (the kernel accumulates its statistics in fp32)
-    instead of on an fp32 copy: that copy, kept for the backward, and the fp32 output would double the
-    memory of every full-resolution decoder activation.
-    """
-    if x[0, 0].numel() == 1:  # as InstanceNorm3d: one voxel per channel would normalise to 0
-        raise ValueError(f"Expected more than 1 spatial element when training, got input size {list(x.shape)}")
-    x = _channels_first(x)
-    weight, bias = (None if p is None else p.to(x.dtype) for p in (norm.weight, norm.bias))
-    with torch.autocast(x.device.type, enabled=False):
-        return F.group_norm(x, x.shape[1], weight, bias, norm.eps)
-
-
-def _pointwise(conv: nn.Conv3d, x: Tensor) -> Tensor:
-    """A 1x1x1 convolution as a matrix product over channels, in ``x``'s memory layout (PyTorch would run
-    it as im2col + GEMM, or convert a channels-last input)."""
-    weight = conv.weight.flatten(1)  # (C_out, C_in)
-    if _is_channels_last(x):
-        return F.linear(x.permute(0, 2, 3, 4, 1), weight, conv.bias).permute(0, 4, 1, 2, 3)
-    out = torch.matmul(weight, x.flatten(2))  # (B, C_out, D * H * W)
-    if conv.bias is not None:
-        out = out + conv.bias[:, None]
-    return out.view(x.shape[0], -1, *x.shape[2:])
-
-
-def res_block(block: UnetResBlock, x: Tensor) -> Tensor:
-    """MONAI ``UnetResBlock.forward`` (conv-norm-lrelu-conv-norm + [1x1 conv-norm] shortcut, lrelu).
-
-    Activations change layout before the (in-place) leaky ReLU, so the tensor the ReLU keeps for its
-    backward is the one the next convolution keeps: no activation is stored in both layouts.
-    """
-    x = _layout(x)
-    out = block.lrelu(_layout(_instance_norm(block.norm1, block.conv1(x))))
-    out = _instance_norm(block.norm2, block.conv2(out))
-    if hasattr(block, "conv3"):
-        out += _instance_norm(block.norm3, _pointwise(block.conv3.conv, x))
-    else:
-        out += _channels_first(x)
-    return block.lrelu(_layout(out))
-
-
-# _UPCONV_TAPS[p, t, k, a] = 1 when, along one axis, output parity p of a 3-tap convolution applied after a
-# stride-2 transposed convolution reads, through kernel tap k, the transposed kernel's tap a at coarse
-# offset t - 1 + p: fine voxel 2i + p + (k - 1) is coarse voxel i + t - 1 + p, transposed-kernel tap a.
-_UPCONV_TAPS = torch.zeros(2, 2, 3, 2)
-for _p, _t, _k, _a in ((0, 0, 0, 1), (0, 1, 1, 0), (0, 1, 2, 1), (1, 0, 0, 0), (1, 0, 1, 1), (1, 1, 2, 0)):
-    _UPCONV_TAPS[_p, _t, _k, _a] = 1.0
-
-
-def upconv_weight(up: Tensor, conv: Tensor) -> Tensor:
-    """One kernel for ``conv3d(conv_transpose3d(x, up, stride=2), conv, padding=1)``.
-
-    ``up``: ``(C_in, C_mid, 2, 2, 2)``, ``conv``: ``(C_out, C_mid, 3, 3, 3)``. Returns ``(8 * C_out, C_in,
-    2, 2, 2)``: a 2x2x2 convolution of the *coarse* map (padding 1) whose output channel block
-    ``p = 4 pd + 2 ph + pw`` holds the fine voxels of parity ``(pd, ph, pw)``; see :func:`_interleave_add`.
-    27 taps at the fine resolution become 8 at the coarse one, and the upsampled map is never stored.
-    """
-    s = _UPCONV_TAPS.to(conv)
-    a = torch.einsum("moxyz,ptxa->moyzpta", conv, s)
-    a = torch.einsum("moyzpta,quyb->mozptaqub", a, s)
-    a = torch.einsum("mozptaqub,rvzc->moptaqubrvc", a, s)
-    k = torch.einsum("moptaqubrvc,koabc->pqrmktuv", a, up)  # (2, 2, 2, C_out, C_in, 2, 2, 2)
-    return k.reshape(8 * conv.shape[0], up.shape[0], 2, 2, 2)
-
-
-_PARITIES = [(pd, ph, pw) for pd in range(2) for ph in range(2) for pw in range(2)]
-
-
-class _InterleaveAdd(torch.autograd.Function):
-    """``base += fine map of parity blocks``: ``base`` ``(B, C, 2d, 2h, 2w)`` (modified in place),
-    ``parts`` ``(B, 8 * C, d + 1, h + 1, w + 1)`` from a :func:`upconv_weight` convolution.
-
-    The backward gathers the 8 parity blocks into one zero-initialised gradient (autograd's slicing would
-    allocate a full-size zero tensor per block)."""
-
-    @staticmethod
-    def forward(ctx, base: Tensor, parts: Tensor) -> Tensor:
-        ctx.mark_dirty(base)
-        ctx.parts_shape, ctx.parts_channels_last = parts.shape, _is_channels_last(parts)
-        return _add_parity_blocks(base, parts)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
-        fmt = torch.channels_last_3d if ctx.parts_channels_last else torch.contiguous_format
-        parts = grad.new_zeros(ctx.parts_shape).contiguous(memory_format=fmt)
-        for fine, coarse in _parity_views(grad, parts):
-            coarse.copy_(fine)
-        return grad, parts
-
-
-def _interleave_add(base: Tensor, parts: Tensor) -> Tensor:
-    """:class:`_InterleaveAdd` where autograd records it; a plain in-place add without autograd (inference),
-    where ``torch.compile`` cannot trace the autograd function's ``mark_dirty``."""
-    if torch.is_grad_enabled() and (base.requires_grad or parts.requires_grad):
-        return _InterleaveAdd.apply(base, parts)
-    return _add_parity_blocks(base, parts)
-
-
-def _add_parity_blocks(base: Tensor, parts: Tensor) -> Tensor:
-    for fine, coarse in _parity_views(base, parts):
-        fine.add_(coarse)
-    return base
-
-
-def _parity_views(fine: Tensor, parts: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """Matching views (fine voxels of one parity, that parity's block of ``parts``), any memory layout."""
-    b, c, d2, h2, w2 = fine.shape
-    d, h, w = d2 // 2, h2 // 2, w2 // 2
-    grid = fine.unflatten(2, (d, 2)).unflatten(4, (h, 2)).unflatten(6, (w, 2))  # (B, C, d, 2, h, 2, w, 2)
-    blocks = parts.unflatten(1, (8, c))  # (B, 8, C, d + 1, h + 1, w + 1)
-    return [(grid[:, :, :, pd, :, ph, :, pw], blocks[:, i, :, pd:pd + d, ph:ph + h, pw:pw + w])
-            for i, (pd, ph, pw) in enumerate(_PARITIES)]
-
-
-def _add_upsampled(base: Tensor, x: Tensor, up: Tensor) -> Tensor:
-    """``base + conv_transpose3d(x, up, stride=2)`` for a 2x2x2 kernel: one matrix product, added in place."""
-    b, c, d, h, w = x.shape
-    fine = torch.matmul(x.permute(0, 2, 3, 4, 1), up.flatten(1))  # (B, d, h, w, C_out * 8)
-    fine = fine.view(b, d, h, w, -1, 2, 2, 2).permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, C_out, d, 2, h, 2, w, 2)
-    grid = base.unflatten(2, (d, 2)).unflatten(4, (h, 2)).unflatten(6, (w, 2))
-    grid.add_(fine)
-    return base
-
-
-def up_block(block: UnetrUpBlock, x: Tensor, skip: Tensor) -> Tensor:
-    """MONAI ``UnetrUpBlock.forward``: 2x transposed conv, concatenation with ``skip``, ``UnetResBlock``.
-
-    At high resolution the transposed convolution is folded into the residual block's first
-    convolution and 1x1 shortcut (:func:`upconv_weight`), so the upsampled map and the concatenation
-    are never built: the 3x3x3 convolution over the concatenation costs 27 (upsampled) + 27 (skip)
-    multiply-adds per voxel and channel pair; folded, 8 + 27.
-    """
-    if skip[0, 0].numel() < CHANNELS_LAST_MIN_VOXELS:
-        return res_block(block.conv_block, torch.cat((block.transp_conv(x), skip), dim=1))
-    res = block.conv_block
-    up = block.transp_conv.conv.weight  # (C_in, C, 2, 2, 2)
-    c = up.shape[1]
-    conv1 = res.conv1.conv.weight  # (C, 2C, 3, 3, 3): [upsampled | skip] input channels
-    x, skip = _layout(x), _layout(skip)
-    out = F.conv3d(skip, conv1[:, c:], padding=1)
-    out = _interleave_add(out, F.conv3d(x, upconv_weight(up, conv1[:, :c]), padding=1))
-    out = res.lrelu(_layout(_instance_norm(res.norm1, out)))
-    out = _instance_norm(res.norm2, res.conv2(out))
-    shortcut = res.conv3.conv.weight.flatten(1)  # (C, 2C)
-    folded = torch.einsum("coxyz,mo->cmxyz", up, shortcut[:, :c])  # the 1x1 conv after the upsampling
-    skip_part = F.linear(skip.permute(0, 2, 3, 4, 1), shortcut[:, c:]).permute(0, 4, 1, 2, 3)
-    out += _instance_norm(res.norm3, _add_upsampled(skip_part, x, folded))
-    return res.lrelu(_layout(out))
-
-
 class FastSwinUNETR(SwinUNETR):
     """MONAI ``SwinUNETR`` (Hatamizadeh et al. 2022) whose forward runs the fast path of this module.
 
@@ -474,21 +258,24 @@ class FastSwinUNETR(SwinUNETR):
     MONAI defaults ``norm_name="instance"``, ``res_block`` blocks and ``downsample="merging"``, as
     ``build_swinunetr`` builds it. ``(B, C_in, X, Y, Z)`` -> ``(B, C_out, X, Y, Z)`` logits.
     ``use_checkpoint`` (set by ``build_swinunetr``) also recomputes the decoder blocks in the backward
-    pass instead of storing their activations, the largest part of a step's memory.
+    pass instead of storing their activations, the largest part of a step's memory (the full-resolution
+    block segment by segment, :func:`~nnssl.networks.fast_decoder.checkpointed_segment`).
     """
 
     use_checkpoint: bool = False
 
-    def _block(self, block: nn.Module, fast_forward, *args: Tensor) -> Tensor:
+    def _block(self, block: nn.Module, fast_forward, *args: Tensor, segments: bool = False) -> Tensor:
         """``block(*args)`` on the fast path; a block with forward hooks (CKA's layer taps) runs its own
-        module call instead, so the hooks see it (the same output within fp32 rounding)."""
-        if block._forward_hooks or block._forward_pre_hooks:
-            fn = block
-        else:
-            fn = functools.partial(fast_forward, block.layer if isinstance(block, UnetrBasicBlock) else block)
-        if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+        module call instead, so the hooks see it (the same output within fp32 rounding). With checkpointing
+        the block is recomputed whole in the backward pass, or, with ``segments``, segment by segment."""
+        hooked = bool(block._forward_hooks or block._forward_pre_hooks)
+        module = block.layer if isinstance(block, UnetrBasicBlock) else block
+        fn = block if hooked else functools.partial(fast_forward, module)
+        if not (self.use_checkpoint and torch.is_grad_enabled()):
+            return fn(*args)
+        if segments and not hooked:
+            return fast_forward(module, *args, segment=checkpointed_segment)
+        return checkpoint(fn, *args, use_reentrant=False)
 
     def forward(self, x_in: Tensor) -> Tensor:
         if not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
@@ -503,8 +290,11 @@ class FastSwinUNETR(SwinUNETR):
         dec2 = self._block(self.decoder4, up_block, dec3, enc3)
         dec1 = self._block(self.decoder3, up_block, dec2, enc2)
         dec0 = self._block(self.decoder2, up_block, dec1, enc1)
-        out = self._block(self.decoder1, up_block, dec0, enc0)
-        return _pointwise(self.out.conv.conv, out).contiguous()
+        # the full-resolution decoder block is the last of the forward and the first of the backward: recomputed
+        # whole, all its full-resolution activations would exist at once there, the step's peak; recomputed
+        # segment by segment, one segment's do, and its segments' outputs are stored only for that moment
+        out = self._block(self.decoder1, up_block, dec0, enc0, segments=True)
+        return pointwise_conv(self.out.conv.conv, out).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,15 +10,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -36,27 +33,20 @@ from nnssl.networks.heads import update_momentum
 from nnssl.paths import nnssl_results
 from nnssl import collectives
 from nnssl.pretrain.config import PretrainConfig
+from nnssl.pretrain.optimizer import make_adamw
 from nnssl.pretrain.run_folder import (FINAL, CsvLog, latest_good_checkpoint, plot_progress, reconcile_with_log,
                                        save_checkpoint)
 from nnssl.pretrain.tracking import open_tracker, require_tensorboard
 from nnssl.provenance import provenance
 from nnssl.pretrain.run_lock import RunLock
-from nnssl.schedules import warmup_cosine
+from nnssl.pretrain.stopping import RunInterrupted, StopFlag
+from nnssl.random_state import rng_state, seed_everything, set_rng_state
+from nnssl.schedules import ema_momentum, warmup_cosine
 
 log = logging.getLogger(__name__)
-FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # one kernel over all parameters instead of ~10 ops per tensor
 # settings a resumed run may change; everything else would change the schedule being continued
 RESUMABLE_CHANGES = {"num_workers", "checkpoint_every", "log_every", "device", "compile", "run", "probe", "probe_every",
                      "grad_checkpointing", "logger"}
-
-
-class RunInterrupted(Exception):
-    """SIGINT/SIGTERM/SIGUSR1 arrived (on any rank); a consistent checkpoint was saved. ``signal_number`` says
-    which."""
-
-    def __init__(self, message: str, signal_number: int):
-        super().__init__(message)
-        self.signal_number = signal_number
 
 
 @dataclass
@@ -69,68 +59,6 @@ class RunResult:
 def default_run_name(config: PretrainConfig) -> str:
     ids = "-".join(d.replace("Dataset", "").split("_")[0] for d in config.datasets)
     return f"{config.backbone}_d{ids}"
-
-
-def ema_momentum(base: float, step: int, total: int) -> float:
-    """Cosine from ``base`` to 1 over the run (BYOL/DINO/MoCo v3 teacher schedule)."""
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max(total, 1)) + 1.0) / 2.0
-
-
-def _param_groups(method: nn.Module) -> list[dict[str, Any]]:
-    """Weight decay on weight matrices and kernels only; not on biases, norms, tokens or position tables."""
-    decay, no_decay = [], []
-    for name, p in method.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(("mask_token", "relative_position_bias_table")) else decay).append(p)
-    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # Ctrl-C, kill/scancel, Slurm's --signal=USR1@s
-
-
-class _StopFlag:
-    """Turns SIGINT/SIGTERM/SIGUSR1 into a flag the loop checks between steps (so a checkpoint is never
-    half-made). Under DDP the ranks agree on it once per step (:meth:`Pretrainer._agreed_stop`)."""
-
-    def __init__(self):
-        self.signal_number: int | None = None
-        self._previous = {}
-
-    def __enter__(self) -> "_StopFlag":
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal_number is not None:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.signal_number = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class Pretrainer:
@@ -179,7 +107,7 @@ class Pretrainer:
     # -- setup -------------------------------------------------------------------------------------------
     def _build(self) -> None:
         config = self.config
-        _seed_everything(config.seed)  # identical initial weights on every rank
+        seed_everything(config.seed)  # identical initial weights on every rank
         encoder = build_encoder(self.preset, self.corpus.in_channels, drop_path_rate=config.drop_path_rate,
                                 use_checkpoint=config.grad_checkpointing)
         self.method: SSLMethod = build_method(config.method, encoder, **config.method_params).to(self.device)
@@ -194,9 +122,7 @@ class Pretrainer:
             self.model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.method), lr=self.lr, betas=tuple(config.betas),
-                                           weight_decay=config.weight_decay,
-                                           fused=self.device.type in FUSED_ADAMW_DEVICES)
+        self.optimizer = make_adamw(self.method, self.device, self.lr, config.betas, config.weight_decay)
         amp = config.amp
         if amp == "auto":
             amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if self.device.type == "cuda" else "off"
@@ -218,7 +144,7 @@ class Pretrainer:
         self.method.load_state_dict(state["method_state"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"][self.rank] if isinstance(state["rng"], list) else state["rng"])
+        set_rng_state(state["rng"][self.rank] if isinstance(state["rng"], list) else state["rng"])
         if self.main:
             log.info("resuming %s from %s at step %d", self.folder, path.name, state["step"])
         return int(state["step"])
@@ -243,7 +169,7 @@ class Pretrainer:
     def run(self) -> RunResult:
         self._check_existing_run()
         self.folder.mkdir(parents=True, exist_ok=True)
-        with (RunLock(self.folder, force=self.force_unlock) if self.main else nullcontext()), _StopFlag() as stop:
+        with (RunLock(self.folder, force=self.force_unlock) if self.main else nullcontext()), StopFlag() as stop:
             if self.main:
                 save_json({**self.config.to_dict(), "lr_scaled": self.lr,
                            "provenance": provenance(self.device, self.world_size)}, self.folder / "config.json")
@@ -275,7 +201,7 @@ class Pretrainer:
                            **({"memory_format": memory_format} if memory_format and v.ndim == 5 else {}))
                    for k, v in batch.items()}
 
-    def _train(self, start: int, csv_log: CsvLog, stop: _StopFlag) -> None:
+    def _train(self, start: int, csv_log: CsvLog, stop: StopFlag) -> None:
         config, method = self.config, self.method
         warmup = config.warmup_epochs * self.steps_per_epoch
         wd_end = config.weight_decay if config.weight_decay_end is None else config.weight_decay_end
@@ -379,7 +305,7 @@ class Pretrainer:
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item() > 0)
 
-    def _agreed_stop(self, stop: _StopFlag) -> int:
+    def _agreed_stop(self, stop: StopFlag) -> int:
         """The stop signal if any rank got one (0: none). A signal may reach one rank only (Slurm signals the
         batch step, Ctrl-C one terminal), so every rank joins this one all-reduce per step and all stop at the
         same step; a rank that stopped alone would leave the others waiting in the checkpoint's gather."""
@@ -409,7 +335,7 @@ class Pretrainer:
 
     # -- outputs -----------------------------------------------------------------------------------------
     def _state(self, step: int) -> dict[str, Any]:
-        rng = _rng_state()
+        rng = rng_state()
         if self.distributed:
             gathered: list[Any] = [None] * self.world_size
             dist.all_gather_object(gathered, rng)

@@ -4,7 +4,8 @@ ENCODER is an encoder file, a pretraining run folder, a method name (its newest 
 ``$nnssl_results``, or ``$nnssl_run``'s, as the fine-tuning trainers resolve it) or ``random``. Run folders
 and method names give the encoder fine-tuning uses (:func:`nnssl.checkpoints.run_encoder_file`: the teacher
 for DINO and iBOT). ``random`` is the same Swin preset with seeded random weights; it is probed beside every
-encoder, so each probe.json holds its own baseline.
+encoder, so each probe.json holds its own baseline (``--random-from`` copies it from the probe.json of an
+earlier ``nnssl_probe random`` with the same task and settings instead of probing it again).
 
 probe.json (``{"format": "nnssl-probe", "version": 1, ...}``) holds the task and cases, the settings, and
 for ``encoder`` and ``random`` the Dice per class, their mean and the encoder fingerprint (SHA-256 of the
@@ -26,7 +27,7 @@ import torch
 from nnssl.checkpoints import (ENCODER_FILES, build_pretrained_encoder, find_encoder_checkpoint, load_encoder_file,
                                run_encoder_file)
 from nnssl.errors import NnsslError
-from nnssl.io import save_json
+from nnssl.io import load_json, save_json
 from nnssl.networks import BackbonePreset, get_preset
 from nnssl.networks.swin import SwinEncoder, build_encoder, encoder_state_dict
 from nnssl.paths import nnssl_results
@@ -68,8 +69,6 @@ def resolve_encoder_file(spec: str) -> Path:
 
 
 def _run_method(folder: Path) -> str:
-    from nnssl.io import load_json
-
     config = folder / "config.json"
     if config.is_file():
         return str(load_json(config, fix="restore the run's config.json.")["method"])
@@ -77,7 +76,7 @@ def _run_method(folder: Path) -> str:
 
 
 def fingerprint(encoder: SwinEncoder) -> str:
-    from nnssl_trainers.swinunetr import encoder_fingerprint
+    from nnssl_trainers.pretrained_encoder import encoder_fingerprint
 
     return encoder_fingerprint(encoder_state_dict(encoder))
 
@@ -125,14 +124,19 @@ def _json_number(value: float) -> float | None:
 
 
 def run_probe(encoder: str, cases: ProbeCases, output: str | os.PathLike, settings: ProbeSettings | None = None,
-              backbone: str | None = None, device: str | None = None) -> dict[str, Any]:
+              backbone: str | None = None, device: str | None = None,
+              random_from: str | os.PathLike | None = None) -> dict[str, Any]:
     """Probe ``encoder`` and ``random`` on the task ``cases`` names; write ``output/probe.json``, return its content.
 
     ``backbone`` is the preset of ``random`` when ENCODER is ``random`` (default: ``$nnssl_backbone``, else
-    ``paper``, as the scratch trainer); otherwise ``random`` takes the encoder's preset.
+    ``paper``, as the scratch trainer); otherwise ``random`` takes the encoder's preset. ``random_from``: the
+    probe.json of an ``nnssl_probe random`` run with the same task, settings and preset, whose ``random`` result
+    is taken instead of probing the same random encoder again (the study probes it once per task).
     """
     settings = settings or ProbeSettings()
     torch_device = _device(device)
+    if random_from is not None and encoder == RANDOM:
+        raise NnsslError(f"--random-from {random_from}: ENCODER is '{RANDOM}' itself; drop --random-from.")
     path = None if encoder == RANDOM else resolve_encoder_file(encoder)  # a bad ENCODER fails before reading data
     data = load_probe_data(cases)
     probed = None if path is None else pretrained_encoder(encoder, path, data.in_channels)
@@ -140,24 +144,44 @@ def run_probe(encoder: str, cases: ProbeCases, output: str | os.PathLike, settin
         raise NnsslError(f"--backbone {backbone}: the encoder {probed.info['path']} has backbone "
                          f"'{probed.info['backbone']}', and the random baseline takes the encoder's. Drop --backbone.")
     preset = get_preset(probed.info["backbone"] if probed else backbone or os.environ.get("nnssl_backbone") or "paper")
-    baseline = random_encoder(preset, data.in_channels, settings.seed)
-    results = {}
-    for name, item in (("encoder", probed), (RANDOM, baseline)):
-        if item is not None:
-            log.info("probing %s on %s", item.info.get("path", RANDOM), data.dataset)
-            item.network.to(torch_device)
-            results[name] = {**item.info, **probe_encoder(item.network, data, settings, torch_device)}
-    results.setdefault("encoder", results[RANDOM])
     record = {"format": PROBE_FORMAT, "version": PROBE_VERSION,
               "task": {"dataset": data.dataset, "configuration": cases.configuration, "plans": cases.plans,
                        "fold": cases.fold, "shots": cases.shots, "patch_size": list(data.patch_size),
                        "labels": data.labels, "train_cases": data.train_cases, "val_cases": data.val_cases,
                        "train_patches": len(data.train_images)},
               "settings": {**asdict(settings), "patches_per_case": cases.patches_per_case,
-                           "voxels_per_patch": cases.voxels_per_patch, "device": torch_device.type},
-              **results}
+                           "voxels_per_patch": cases.voxels_per_patch, "device": torch_device.type}}
+    shared = None if random_from is None else shared_random(Path(random_from), record, preset)
+    baseline = None if shared else random_encoder(preset, data.in_channels, settings.seed)
+    results = {RANDOM: shared} if shared else {}
+    for name, item in (("encoder", probed), (RANDOM, baseline)):
+        if item is not None:
+            log.info("probing %s on %s", item.info.get("path", RANDOM), data.dataset)
+            item.network.to(torch_device)
+            results[name] = {**item.info, **probe_encoder(item.network, data, settings, torch_device)}
+    results.setdefault("encoder", results[RANDOM])
+    record.update({name: results[name] for name in ("encoder", RANDOM)})
     save_json(record, Path(output) / PROBE_FILENAME)
     return record
+
+
+def shared_random(path: Path, record: dict[str, Any], preset: BackbonePreset) -> dict[str, Any]:
+    """The ``random`` result of the probe.json ``path``, checked to be the one this probe would compute: same
+    task and cases (``record["task"]``), same settings, same preset."""
+    fix = "run it again: nnssl_probe random -d DATASET -o FOLDER with this probe's options"
+    if not path.is_file():
+        raise NnsslError(f"--random-from {path} does not exist; {fix}.")
+    other = load_json(path, fix=fix)
+    if not isinstance(other, dict) or other.get("format") != PROBE_FORMAT or RANDOM not in other:
+        raise NnsslError(f"--random-from {path} is no probe.json with a '{RANDOM}' result; {fix}.")
+    theirs = {**other.get("task", {}), **other.get("settings", {}), "backbone": other[RANDOM].get("backbone")}
+    ours = {**record["task"], **record["settings"], "backbone": preset.name}
+    differ = sorted(key for key in ours if theirs.get(key) != ours[key])
+    if differ:
+        raise NnsslError(f"--random-from {path} probed another setting: {', '.join(differ)} differ "
+                         f"({', '.join(f'{k}: {theirs.get(k)!r} there, {ours[k]!r} here' for k in differ)}). "
+                         f"Pass the same options to both probes, or drop --random-from to probe random here.")
+    return other[RANDOM]
 
 
 def _device(name: str | None) -> torch.device:

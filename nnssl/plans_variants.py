@@ -1,0 +1,73 @@
+"""Plans variants: one nnU-Net model folder per study run that one trainer class makes several times.
+
+nnU-Net names a model folder ``<trainer>__<plans identifier>__<configuration>``, so one trainer fine-tuned twice
+on a fold (two imported encoders with ``SwinUNETR_Imported_Trainer``) would write into one folder. nnU-Net's own
+answer for experiments that differ in settings, not in data, is a plans file under another identifier whose
+configuration keeps the ``data_identifier`` of the original (nnU-Net's documentation, "explanation_plans_files":
+the preprocessed data are shared, nothing is preprocessed again). A variant written here is such a copy,
+``<plans>_<name>.json``, with a record ``"nnssl_variant": {"of", "name", "knobs"}``: the trainer knobs
+(``nnssl_*``, see nnssl_trainers/knobs.py) that make the run, which our trainers take as defaults (an
+environment variable set by the user still wins). So ``nnUNetv2_train 3 3d_fullres 0 -tr
+SwinUNETR_Imported_Trainer -p nnsslPlans_voco`` fine-tunes the VoCo encoder with nothing else set, and
+``nnUNetv2_predict -p nnsslPlans_voco`` finds the model.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from nnssl.errors import NnsslError
+from nnssl.io import load_json, locked, save_json
+
+VARIANT_KEY = "nnssl_variant"
+_NAME = re.compile(r"^[A-Za-z0-9]+([_-][A-Za-z0-9]+)*$")  # never "__": nnU-Net's folder-name separator
+
+
+def variant_identifier(plans_identifier: str, name: str) -> str:
+    """``nnsslPlans`` + ``voco`` -> ``nnsslPlans_voco``."""
+    if not _NAME.match(name):
+        raise NnsslError(f"Plans variant name {name!r} must be letters and digits with single '_' or '-' between "
+                         f"them (it becomes part of nnU-Net's plans identifier and model folder name), e.g. 'voco_b'.")
+    return f"{plans_identifier}_{name}"
+
+
+def write_plans_variant(preprocessed_dataset: Path, plans_identifier: str, name: str,
+                        knobs: dict[str, str]) -> Path:
+    """``<preprocessed_dataset>/<plans_identifier>_<name>.json``: the plans ``plans_identifier`` under the new
+    identifier with ``knobs`` recorded; rewritten only when it would change (other jobs may be reading it)."""
+    from nnssl_trainers.knobs import KNOBS
+
+    unknown = sorted(set(knobs) - set(KNOBS))
+    if unknown:
+        raise NnsslError(f"Plans variant {name!r}: {unknown} are not trainer knobs; known: {sorted(KNOBS)}.")
+    source = preprocessed_dataset / f"{plans_identifier}.json"
+    if not source.is_file():
+        raise NnsslError(f"{source} does not exist, so the plans variant {name!r} cannot be made from it. Plan the "
+                         f"dataset first: nnssl_align_plans -d {preprocessed_dataset.name} (for nnsslPlans) or "
+                         f"nnUNetv2_plan_and_preprocess -d {preprocessed_dataset.name} -c 3d_fullres.")
+    identifier = variant_identifier(plans_identifier, name)
+    target = preprocessed_dataset / f"{identifier}.json"
+    plans = copy.deepcopy(load_json(source))
+    plans["plans_name"] = identifier  # data_identifier of every configuration stays: the data are shared
+    plans[VARIANT_KEY] = {"of": plans_identifier, "name": name, "knobs": {k: str(v) for k, v in knobs.items()}}
+    with locked(target):
+        if not target.is_file() or load_json(target) != plans:
+            save_json(plans, target)
+    return target
+
+
+def variant_record(plans: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``nnssl_variant`` record of a plans dict (as nnU-Net copies it into the model folder), or None."""
+    return plans.get(VARIANT_KEY)
+
+
+def apply_variant_knobs(plans: dict[str, Any]) -> dict[str, str]:
+    """Set the variant's knobs in this process's environment where the user has not set them; returns those set
+    (our trainers call this before they read any knob, so the knobs reach nnU-Net's augmentation workers too)."""
+    record = variant_record(plans) or {}
+    applied = {k: v for k, v in record.get("knobs", {}).items() if os.environ.get(k) in (None, "")}
+    os.environ.update(applied)
+    return applied
