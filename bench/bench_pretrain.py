@@ -6,11 +6,16 @@ method runs in its own subprocess (so peak memory is its own) with the same back
 Row ``pretrain_step_<method>``: ours = the method's seconds per step, baseline = SimMIM's, ratio =
 SimMIM / method, both timed in the same process with interleaved steps (the issue's target: no method
 slower than 3x SimMIM, i.e. ratio >= 0.33).
+
+Row ``pretrain_local_crops_ibot``: what iBOT's 10 student-only local crops (its released Swin run,
+``--local_crops_number 10``) cost per step: ours = iBOT as planned, baseline = iBOT with ``local_views=0``,
+ratio = baseline / ours, timed the same way.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import resource
 import statistics
 import subprocess
@@ -20,15 +25,19 @@ import time
 import numpy as np
 import torch
 
+LOG = logging.getLogger(__name__)
 # quick (CPU): the paper Swin at 64^3, where the encoder, not the methods' MLP heads, dominates as in real use
 SETTINGS = {False: {"preset": "paper", "patch": 64, "batch": 2, "steps": 3},
             True: {"preset": "paper", "patch": 128, "batch": 2, "steps": 5}}
+# a method against itself with hyperparameters changed: row -> (method, the baseline's hyperparameters)
+VARIANTS = {"pretrain_local_crops_ibot": ("ibot", {"local_views": 0})}
 
 
 class _Stepper:
     """One method ready to take optimisation steps on a fixed batch made by the real view maker."""
 
-    def __init__(self, method_name: str, preset_name: str, patch: int, batch_size: int, device: str):
+    def __init__(self, method_name: str, preset_name: str, patch: int, batch_size: int, device: str,
+                 hyperparameters: dict | None = None):
         from nnssl.data.views import ViewMaker
         from nnssl.methods.registry import build_method
         from nnssl.networks import build_encoder, get_preset
@@ -37,7 +46,7 @@ class _Stepper:
         torch.manual_seed(0)
         preset = get_preset(preset_name)
         self.device = device
-        self.method = build_method(method_name, build_encoder(preset)).to(device)
+        self.method = build_method(method_name, build_encoder(preset), **(hyperparameters or {})).to(device)
         self.optimizer = make_adamw(self.method, torch.device(device), lr=1e-4)
         views = ViewMaker(self.method.view_spec(), (patch,) * 3, preset.patch_size)
         rng = np.random.default_rng(0)
@@ -76,12 +85,29 @@ def measure(method_name: str, preset_name: str, patch: int, batch_size: int, ste
         peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     simmim = _Stepper("simmim", preset_name, patch, batch_size, device)
     simmim.step()
-    times = {"method": [], "simmim": []}
+    seconds, simmim_seconds = _interleaved_median_steps(method, simmim, steps)
+    return {"seconds": seconds, "simmim_seconds": simmim_seconds, "peak_mib": round(peak_mib, 1)}
+
+
+def measure_variant(method_name: str, baseline_hyperparameters: dict, preset_name: str, patch: int,
+                    batch_size: int, steps: int, device: str) -> dict:
+    """Median step time of ``method_name`` as planned and with ``baseline_hyperparameters``, interleaved."""
+    planned = _Stepper(method_name, preset_name, patch, batch_size, device)
+    baseline = _Stepper(method_name, preset_name, patch, batch_size, device, baseline_hyperparameters)
+    planned.step()  # warm-up
+    baseline.step()
+    seconds, baseline_seconds = _interleaved_median_steps(planned, baseline, steps)
+    return {"seconds": seconds, "baseline_seconds": baseline_seconds}
+
+
+def _interleaved_median_steps(first: _Stepper, second: _Stepper, steps: int) -> tuple[float, float]:
+    """Median seconds per step of ``first`` and ``second`` (both warmed up), stepping them in turn so that load
+    from other processes hits both alike."""
+    times = ([], [])
     for _ in range(steps):
-        times["method"].append(method.step())
-        times["simmim"].append(simmim.step())
-    return {"seconds": statistics.median(times["method"]), "simmim_seconds": statistics.median(times["simmim"]),
-            "peak_mib": round(peak_mib, 1)}
+        times[0].append(first.step())
+        times[1].append(second.step())
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def run(full: bool = False) -> list[dict]:
@@ -89,17 +115,40 @@ def run(full: bool = False) -> list[dict]:
 
     settings = SETTINGS[full]
     device = "cuda" if full and torch.cuda.is_available() else "cpu"
-    results = {}
-    for name in list_methods():
-        command = [sys.executable, "-m", "bench.bench_pretrain", "--one", name, "--device", device,
-                   *(["--full"] if full else [])]
-        output = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", check=True)
-        results[name] = json.loads(output.stdout.strip().splitlines()[-1])
-    config = {**settings, "device": device, "memory": "CUDA max allocated" if device == "cuda" else "RSS growth"}
-    return [{"name": f"pretrain_step_{name}", "ours": round(r["seconds"], 4), "baseline": round(r["simmim_seconds"], 4),
-             "unit": "s/step (baseline: simmim, same process)", "ratio": round(r["simmim_seconds"] / r["seconds"], 2),
-             "config": {**config, "peak_mib": r["peak_mib"], "simmim_peak_mib": results["simmim"]["peak_mib"]}}
+    measured = {name: _measure_in_subprocess(name, device, full) for name in list_methods()}
+    results = {name: r for name, r in measured.items() if r is not None}
+    config = {**settings, "device": device, "memory": "CUDA max allocated" if device == "cuda" else "RSS growth",
+              "simmim_peak_mib": results.get("simmim", {}).get("peak_mib")}
+    rows = [{"name": f"pretrain_step_{name}", "ours": round(r["seconds"], 4),
+             "baseline": round(r["simmim_seconds"], 4), "unit": "s/step (baseline: simmim, same process)",
+             "ratio": round(r["simmim_seconds"] / r["seconds"], 2),
+             "config": {**config, "peak_mib": r["peak_mib"]}}
             for name, r in results.items()]
+    for row_name, (name, baseline_hyperparameters) in VARIANTS.items():
+        r = _measure_in_subprocess(name, device, full, baseline_hyperparameters)
+        if r is None:
+            continue
+        rows.append({"name": row_name, "ours": round(r["seconds"], 4), "baseline": round(r["baseline_seconds"], 4),
+                     "unit": f"s/step (baseline: {name} with {json.dumps(baseline_hyperparameters)}, same process)",
+                     "ratio": round(r["baseline_seconds"] / r["seconds"], 2),
+                     "config": {**settings, "device": device, "baseline_hyperparameters": baseline_hyperparameters}})
+    return rows
+
+
+def _measure_in_subprocess(name: str, device: str, full: bool,
+                           baseline_hyperparameters: dict | None = None) -> dict | None:
+    """:func:`measure` (or, with ``baseline_hyperparameters``, :func:`measure_variant`) of method ``name`` in a
+    fresh process, so that its peak memory is its own; None if that process fails (e.g. killed for memory on a
+    shared machine), so that the other methods' rows are still written."""
+    variant = ["--baseline-hyperparameters", json.dumps(baseline_hyperparameters)] if baseline_hyperparameters else []
+    command = [sys.executable, "-m", "bench.bench_pretrain", "--one", name, "--device", device,
+               *(["--full"] if full else []), *variant]
+    output = subprocess.run(command, capture_output=True, text=True, encoding="utf-8")
+    if output.returncode != 0:
+        LOG.warning("bench_pretrain: %s failed (exit status %d), no row for it:\n%s", " ".join(command[2:]),
+                    output.returncode, output.stderr.strip()[-2000:])
+        return None
+    return json.loads(output.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
@@ -107,10 +156,14 @@ if __name__ == "__main__":
     parser.add_argument("--full", action="store_true", help="paper backbone, 128^3, on the GPU")
     parser.add_argument("--one", metavar="METHOD", help="measure one method in this process and print JSON")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--baseline-hyperparameters", type=json.loads, metavar="JSON",
+                        help="with --one: time the method against itself with these hyperparameters, not SimMIM")
     args = parser.parse_args()
     if args.one:
         s = SETTINGS[args.full]
-        print(json.dumps(measure(args.one, s["preset"], s["patch"], s["batch"], s["steps"], args.device)))
+        sizes = (s["preset"], s["patch"], s["batch"], s["steps"], args.device)
+        print(json.dumps(measure_variant(args.one, args.baseline_hyperparameters, *sizes)
+                         if args.baseline_hyperparameters else measure(args.one, *sizes)))
     else:
         for row in run(args.full):
             print(row)

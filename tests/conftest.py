@@ -43,13 +43,33 @@ def run_cli(*args: str | os.PathLike, env: dict[str, str] | None = None, timeout
     ``env`` entries are added to the current environment (an entry set to None is removed there).
     With ``check``, a non-zero exit fails the test and shows the command's output.
     """
+    return _run([str(BIN / str(args[0])), *map(str, args[1:])], env, timeout, check, cwd)
+
+
+# nnU-Net's own nnUNetv2_train entry point with the final validation switched off (prefix this to a launcher script).
+# That validation predicts every validation case with 8 mirrorings, sliding window: on the CPU it costs more than a
+# tiny training itself, and tests of what training writes (checkpoints, the shared plans.json) do not read it.
+NO_FINAL_VALIDATION = ("from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer\n"
+                       "nnUNetTrainer.perform_actual_validation = lambda self, *args, **kwargs: None\n")
+TRAIN_WITHOUT_VALIDATION = NO_FINAL_VALIDATION + ("import sys\n"
+                                                  "from nnunetv2.run.run_training import run_training_entry\n"
+                                                  "sys.argv[0] = 'nnUNetv2_train'\nrun_training_entry()\n")
+
+
+def train_without_validation(*args: str | os.PathLike, env: dict[str, str] | None = None, timeout: float = 600,
+                             check: bool = True) -> subprocess.CompletedProcess:
+    """``nnUNetv2_train *args`` as :func:`run_cli` runs it, but without the final validation (no fold_X/validation)."""
+    return _run([sys.executable, "-c", TRAIN_WITHOUT_VALIDATION, *map(str, args)], env, timeout, check, None)
+
+
+def _run(command: list[str], env: dict[str, str] | None, timeout: float, check: bool,
+         cwd: os.PathLike | None) -> subprocess.CompletedProcess:
     full_env = dict(os.environ)
     for key, value in (env or {}).items():
         if value is None:
             full_env.pop(key, None)
         else:
             full_env[key] = value
-    command = [str(BIN / str(args[0])), *map(str, args[1:])]
     result = subprocess.run(command, env=full_env, capture_output=True, text=True, encoding="utf-8",
                             errors="replace", timeout=timeout, cwd=cwd)
     if check and result.returncode != 0:

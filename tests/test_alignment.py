@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CORPUS_ID, run_cli
+from conftest import CORPUS_ID, run_cli, train_without_validation
 from nnssl import align_plans as align_module
 from nnssl import io
 from nnssl.align_plans import swin_patch_within
@@ -99,8 +99,9 @@ def test_aligned_plans_train_predict_continue_and_report(ct_task, pretrain_corpu
     assert cases == 8  # nnU-Net preprocessed every training case with the aligned plans
 
     env = {**SHORT, "nnssl_run": RUN, "nnssl_encoder": "teacher"}
-    result = run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "0", "-tr", TRAINER, "-p", "nnsslPlans",
-                     "-device", "cpu", env=env, timeout=SLOW)
+    # validated once, by the --c below (nnU-Net's validation on a checkpoint_final is what --c adds)
+    result = train_without_validation(ct_task.dataset_id, "3d_fullres", "0", "-tr", TRAINER, "-p", "nnsslPlans",
+                                      "-device", "cpu", env=env, timeout=SLOW)
     model = nnunet_env.results / ct_task.dataset / f"{TRAINER}__nnsslPlans__3d_fullres"
     settings = _settings(model)
     assert "the task's plans are aligned with the encoder's pretraining" in result.stdout
@@ -112,10 +113,11 @@ def test_aligned_plans_train_predict_continue_and_report(ct_task, pretrain_corpu
     predictions = tmp_path / "predictions"
     run_cli("nnUNetv2_predict", "-i", ct_task.raw / "imagesTs", "-o", predictions, "-d", ct_task.dataset_id,
             "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-p", "nnsslPlans", "-device", "cpu", "-npp", "1", "-nps", "1",
-            timeout=SLOW)
+            "--disable_tta", timeout=SLOW)
     assert len(list(predictions.glob("*.nii.gz"))) == 2
     run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "0", "-tr", TRAINER, "-p", "nnsslPlans",
             "-device", "cpu", "--c", env=env, timeout=SLOW)
+    assert (model / "fold_0" / "validation" / "summary.json").is_file()
 
     result = run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu",
                      env={**SHORT, "nnssl_run": RUN}, timeout=SLOW)
@@ -144,9 +146,9 @@ def test_one_seed_gives_the_same_checkpoint(ct_task, nnunet_env, tmp_path, worke
     weights = []
     for attempt in ("a", "b"):
         results = tmp_path / attempt
-        run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "1", "-tr", "SwinUNETR_Scratch_Trainer",
-                "-device", "cpu", env={**SHORT, "nnUNet_results": str(results), "nnUNet_n_proc_DA": workers,
-                                       "nnssl_seed": "3"}, timeout=SLOW)
+        train_without_validation(ct_task.dataset_id, "3d_fullres", "1", "-tr", "SwinUNETR_Scratch_Trainer",
+                                 "-device", "cpu", env={**SHORT, "nnUNet_results": str(results),
+                                                        "nnUNet_n_proc_DA": workers, "nnssl_seed": "3"}, timeout=SLOW)
         model = results / ct_task.dataset / "SwinUNETR_Scratch_Trainer__nnUNetPlans__3d_fullres"
         weights.append(torch.load(model / "fold_1" / "checkpoint_final.pth", weights_only=False)["network_weights"])
         assert _settings(model)["seeds"] == {"1": 3}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS_ID, pretrain_run, run_cli
+from conftest import CORPUS_ID, pretrain_run, run_cli, train_without_validation
 from nnssl.data.synthetic import write_task
 from nnssl.plans import plans_dir
 
@@ -153,9 +153,9 @@ def test_imported_trainer_takes_an_encoder_of_any_method_from_the_knob(ct_task, 
     save_encoder(encoder, SwinEncoder(get_preset("tiny")), {"backbone": get_preset("tiny").to_dict(),
                                                               "in_channels": 1, "method": "swinssl"})
     results = tmp_path / "results"  # not the session's: other tests' reports list every model folder there
-    run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "0", "-tr", "SwinUNETR_Imported_Trainer",
-            "-device", "cpu", env={"nnssl_encoder_file": str(encoder), "nnssl_num_epochs": "1",
-                                   "nnssl_iterations_per_epoch": "1", "nnUNet_results": str(results)})
+    train_without_validation(ct_task.dataset_id, "3d_fullres", "0", "-tr", "SwinUNETR_Imported_Trainer", "-device",
+                             "cpu", env={"nnssl_encoder_file": str(encoder), "nnssl_num_epochs": "1",
+                                         "nnssl_iterations_per_epoch": "1", "nnUNet_results": str(results)})
     folder = results / ct_task.dataset / "SwinUNETR_Imported_Trainer__nnUNetPlans__3d_fullres"
     record = json.loads((folder / "plans.json").read_text(encoding="utf-8"))["configurations"]["3d_fullres"]["nnssl"]
     assert record["pretrained"]["path"] == str(encoder.resolve()) and record["pretrained"]["method"] == "swinssl"
