@@ -59,6 +59,7 @@ from nnssl.methods.registry import trainer_names
 from nnssl.networks import BackbonePreset, build_swinunetr, get_preset
 from nnssl.networks.swinunetr import swin_patch_size
 from nnssl.paths import nnunet_results
+from nnssl.plans_variants import apply_variant_knobs
 from nnssl.provenance import provenance
 from nnssl.random_state import seed_everything
 from nnssl.schedules import EpochWarmupCosineLR
@@ -99,6 +100,7 @@ class SwinUNETR_Scratch_Trainer(SaveOnSignal, NnunetCheckpoints, PretrainedEncod
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         continuing = bool(plans.get("continue_training", False))
+        apply_variant_knobs(plans)  # a plans variant's knobs (an imported encoder's file), unless set by the user
         with exit_on_user_error(PROG):
             nnunet_results()  # nnU-Net would fail later with a bare traceback
             check_environment()

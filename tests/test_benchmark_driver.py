@@ -177,6 +177,29 @@ def test_another_plan_runs_a_toy_study_on_the_cpu(tmp_path, no_roots):
         run_benchmark(plan=path, dry_run=True)
 
 
+def test_imported_encoders_are_methods_with_their_own_plans_variant(tmp_path, no_roots):
+    imported = {"tang": {"trainer": "SwinUNETR_Imported_Trainer", "encoder_file": "encoders/tang.pth"},
+                "voco_b": {"trainer": "SwinUNETR_Imported_Trainer", "encoder_file": "encoders/voco_b.pth"}}
+    path = tmp_path / "toy.json"
+    path.write_text(json.dumps({**TOY_PLAN, "methods": {**TOY_PLAN["methods"], **imported}}))
+    outcome = run_benchmark(plan=path, device="cpu", folds=[0], output=tmp_path / "out", dry_run=True)
+    jobs = {j.id: j for j in outcome.plan.jobs}
+    assert [j for j in jobs if j.startswith("pretrain/")] == ["pretrain/smit"]  # imported encoders are not pretrained
+    tang = tmp_path / "encoders" / "tang.pth"  # relative to the plan file
+    assert jobs["plan/Dataset981_ToyCT/nnUNetPlans_tang"].shell() == (
+        f"nnssl_align_plans -d 981 -pl nnUNetPlans --variant tang --knob nnssl_encoder_file={tang}")
+    finetune = jobs["finetune/Dataset981_ToyCT/SwinUNETR_Imported_Trainer__nnUNetPlans_tang__3d_fullres/fold_0"]
+    assert finetune.shell() == ("nnssl_backbone=tiny nnssl_seed=0 nnssl_num_epochs=3 nnUNetv2_train 981 3d_fullres 0 "
+                                "-tr SwinUNETR_Imported_Trainer -p nnUNetPlans_tang -device cpu")
+    assert "plan/Dataset981_ToyCT/nnUNetPlans_tang" in finetune.deps
+    cka = jobs["cka/Dataset981_ToyCT/SwinUNETR_Imported_Trainer__nnUNetPlans_voco_b/2shot_fold0_seed0"]
+    assert "SwinUNETR_Imported_Trainer__nnUNetPlans_voco_b__3d_fullres:5" in cka.shell()
+    assert any(f"method tang ({tang}) does not exist" in m and "nnssl_import" in m for m in outcome.plan.missing)
+    path.write_text(json.dumps({**TOY_PLAN, "methods": {"tang": {**imported["tang"], "trainer": "SwinUNETR_SMIT_Trainer"}}}))
+    with pytest.raises(NnsslError, match="only SwinUNETR_Imported_Trainer reads"):
+        run_benchmark(plan=path, dry_run=True)
+
+
 # -- resume decisions on a fake results tree ----------------------------------------------------------------------
 def _json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

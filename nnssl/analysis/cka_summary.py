@@ -17,8 +17,8 @@ import numpy as np
 
 from nnssl.analysis import plots
 from nnssl.analysis.activations import DECODER_LAYERS, ENCODER_LAYERS
-from nnssl.analysis.results import (load_fewshot, nnssl_trainer_classes, parse_model_folder, shot_setting,
-                                    trainer_method)
+from nnssl.analysis.results import (folder_method, load_fewshot, nnssl_trainer_classes, parse_model_folder,
+                                    shot_setting)
 from nnssl.analysis.tables import markdown_table
 from nnssl.errors import NnsslError
 from nnssl.io import load_json
@@ -44,7 +44,7 @@ def read_comparisons(cka_dir: Path) -> list[dict[str, Any]]:
             continue
         if any(m.get("kind") != "trained" for m in models[:2]) or models[0]["folder"] != models[1]["folder"]:
             continue  # not a few- vs many-shot comparison of one model folder
-        method = trainer_method(trainers[folder.trainer]) if folder.trainer in trainers else folder.trainer
+        method = folder_method(folder, trainers)
         shots = [shot_setting(str(m["fold"]), _fewshot(folder.dataset)) for m in models[:2]]
         found.append({"task": folder.dataset, "method": method, "shot": f"{shots[0]} vs {shots[1]}",
                       "comparison": comparison, "path": path})

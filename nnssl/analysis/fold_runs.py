@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from nnssl.analysis.references import BASELINE
-from nnssl.analysis.results import (SCRATCH, UNKNOWN, ModelFolder, case_id, dataset_modality, load_fewshot,
-                                    method_family, nnssl_trainer_classes, parse_model_folder, shot_setting,
-                                    trainer_method)
+from nnssl.analysis.results import (IMPORTED_FAMILY, UNKNOWN, ModelFolder, case_id, dataset_modality, folder_method,
+                                    load_fewshot, method_family, nnssl_trainer_classes, parse_model_folder,
+                                    shot_setting)
 from nnssl.errors import NnsslError
 from nnssl.io import load_json
 from nnssl.paths import dataset_folder, nnunet_preprocessed, nnunet_results
@@ -125,7 +125,7 @@ def collect_runs(datasets: Sequence[str] | None = None,
         if not folders:
             notes.append(f"{dataset_dir.name}: no nnssl SwinUNETR model folders")
             continue
-        several = len({(f.plans, f.configuration) for f in folders}) > 1
+        several = len({(f.study_plans, f.configuration) for f in folders}) > 1
         fewshot = _fewshot_of(dataset_dir.name, notes)
         for folder in folders + references:
             if not (folder.path / "dataset.json").is_file():
@@ -134,10 +134,10 @@ def collect_runs(datasets: Sequence[str] | None = None,
             if folder in references:
                 method, family = baselines[folder.path.name], BASELINE
             else:
-                method = (trainer_method(ours[folder.trainer]) if folder.trainer in ours
-                          else (folder.nnssl_settings().get("pretrained") or {}).get("method", SCRATCH))
-                family = method_family(method)
-            base = {"task": f"{folder.dataset} [{folder.plans}/{folder.configuration}]" if several else folder.dataset,
+                method = folder_method(folder, ours)
+                family = IMPORTED_FAMILY if folder.variant() else method_family(method)
+            base = {"task": f"{folder.dataset} [{folder.study_plans}/{folder.configuration}]" if several
+                    else folder.dataset,
                     "dataset": folder.dataset, "modality": dataset_modality(load_json(folder.path / "dataset.json")),
                     "trainer": folder.trainer, "plans": folder.plans, "configuration": folder.configuration,
                     "method": method, "family": family}

@@ -13,9 +13,11 @@ from pathlib import Path
 from nnssl.errors import NnsslError
 from nnssl.fewshot import FEWSHOT_FILENAME, NUM_MANY_SHOT_FOLDS
 from nnssl.io import load_json
+from nnssl.plans_variants import variant_record
 
 SCRATCH = "scratch"  # method name of a SwinUNETR trained from random initialisation
 UNKNOWN = "unknown"
+IMPORTED_FAMILY = "imported"  # encoders the study did not pretrain (plans variants of SwinUNETR_Imported_Trainer)
 MANY_SHOT = "many-shot"
 PLANS_KEY = "nnssl"  # the trainers' section in a configuration of the saved plans.json
 
@@ -41,10 +43,21 @@ class ModelFolder:
 
     def nnssl_settings(self) -> dict | None:
         """The trainers' ``nnssl`` section of the saved plans, or None (not an nnssl SwinUNETR folder)."""
+        return self._plans().get("configurations", {}).get(self.configuration, {}).get(PLANS_KEY)
+
+    def variant(self) -> dict | None:
+        """The ``nnssl_variant`` record when the folder was trained on a plans variant (nnssl.plans_variants)."""
+        return variant_record(self._plans())
+
+    @property
+    def study_plans(self) -> str:
+        """The plans the study compares on: a variant's source (``nnsslPlans`` for ``nnsslPlans_voco``)."""
+        variant = self.variant()
+        return variant["of"] if variant else self.plans
+
+    def _plans(self) -> dict:
         plans_file = self.path / "plans.json"
-        if not plans_file.is_file():
-            return None
-        return load_json(plans_file).get("configurations", {}).get(self.configuration, {}).get(PLANS_KEY)
+        return load_json(plans_file) if plans_file.is_file() else {}
 
 
 def parse_model_folder(path: Path) -> ModelFolder:
@@ -70,6 +83,17 @@ def nnssl_trainer_classes() -> dict[str, type]:
 def trainer_method(trainer_class: type) -> str:
     """The SSL method a trainer fine-tunes from (its ``pretrain_method``), or ``"scratch"``."""
     return getattr(trainer_class, "pretrain_method", None) or SCRATCH
+
+
+def folder_method(folder: ModelFolder, trainers: dict[str, type]) -> str:
+    """The method a model folder fine-tuned: a plans variant's name (an imported encoder in the study), else its
+    trainer's method, else the pretrained record's (a trainer class that is not importable here)."""
+    variant = folder.variant()
+    if variant:
+        return variant["name"]
+    if folder.trainer in trainers:
+        return trainer_method(trainers[folder.trainer])
+    return ((folder.nnssl_settings() or {}).get("pretrained") or {}).get("method", SCRATCH)
 
 
 def method_family(method: str) -> str:

@@ -16,6 +16,9 @@ Jobs, in the order they are listed (and started when their dependencies allow):
   pretrained method (sharing that random baseline) on the plan's probe task, if it names one; fine-tuning starts
   after them, whatever their outcome;
 - ``fewshot``: ``nnssl_fewshot ID --shots ... --folds 0 1 2 3 4 --seed S`` per task and seed;
+- ``plan`` of each imported encoder (a method with ``encoder_file``): ``nnssl_align_plans -d ID -pl PLANS
+  --variant M --knob nnssl_encoder_file=FILE``, the plans variant ``PLANS_M`` it fine-tunes on (its own model
+  folder, the task's preprocessed data; no pretraining);
 - ``finetune``: ``nnUNetv2_train ID 3d_fullres FOLD -tr SwinUNETR_<M>_Trainer`` per task, trainer and fold
   (``--c`` when a checkpoint exists; done when ``checkpoint_final.pth`` and ``validation/summary.json``
   exist); nnU-Net validates at the end of training;
@@ -32,9 +35,10 @@ from pathlib import Path
 from nnssl.align_plans import CORPUS_PLANS
 from nnssl.benchmark.budget import Budget, method_budget
 from nnssl.benchmark.results_state import DONE, NEW, RESUME, ResultsState
-from nnssl.benchmark.study import BaselineSpec, Study, TaskSpec
+from nnssl.benchmark.study import BaselineSpec, MethodSpec, Study, TaskSpec
 from nnssl.errors import NnsslError
 from nnssl.fewshot import NUM_MANY_SHOT_FOLDS, plan_fewshot_folds
+from nnssl.plans_variants import variant_identifier
 
 MANY_SHOT = "all"  # the --shots value of nnU-Net's folds 0-4
 RANDOM_PROBE = "random"  # nnssl_probe's ENCODER for the randomly initialised encoder scratch starts from
@@ -145,7 +149,7 @@ def predicted_fewshot_folds(study: Study, task: TaskSpec, shots: list[int],
 def plan_study(study: Study, selection: Selection, settings: Settings, state: ResultsState) -> StudyPlan:
     """Every job of the selected part of the study, in start order (see the module docstring)."""
     plan = StudyPlan(jobs=[])
-    to_pretrain = [m for m in selection.methods if study.methods[m].pretrained]
+    to_pretrain = [m for m in selection.methods if study.methods[m].pretrains]
     plan.budgets = {m: method_budget(study.pretraining, m, study.pretrain_args) for m in to_pretrain}
     corpus_job = None
     aligning = study.aligned and any(not state.preprocessed(study.tasks[k].dataset) for k in selection.tasks)
@@ -161,6 +165,10 @@ def plan_study(study: Study, selection: Selection, settings: Settings, state: Re
         plan_jobs[key] = (_align_job(study, task, state, corpus_job) if study.aligned
                           else _plan_job(study, task.dataset_id, task.dataset, state))
     pretrain_jobs = {m: _pretrain_job(study, m, plan.budgets[m], settings, state, corpus_job) for m in to_pretrain}
+    plan.missing += [f"The encoder file of method {m} ({study.methods[m].encoder_file}) does not exist. Convert the "
+                     f"downloaded weights with: nnssl_import <download> -o {study.methods[m].encoder_file}"
+                     for m in selection.methods
+                     if study.methods[m].encoder_file and not state.file_exists(study.methods[m].encoder_file)]
     plan.jobs += [*plan_jobs.values(), *pretrain_jobs.values()]
     probe_jobs = _probe_jobs(study, selection, settings, state, plan_jobs, pretrain_jobs, corpus_job, plan)
     finetune_jobs: list[Job] = []
@@ -206,47 +214,53 @@ def _probe_jobs(study: Study, selection: Selection, settings: Settings, state: R
                 ("nnssl_probe", RANDOM_PROBE, "-d", str(task.dataset_id), "-o", str(random_out), *options,
                  "--backbone", study.backbone),
                 DONE if state.file_exists(random_out / "probe.json") else NEW, deps=_ids(plan_job), gpu=True)]
-    for name in (m for m in selection.methods if study.methods[m].pretrained):
-        out = probe_root(settings) / task.dataset / name
-        command = ("nnssl_probe", name, "-d", str(task.dataset_id), "-o", str(out), *options,
+    for method in (study.methods[m] for m in selection.methods if study.methods[m].pretrained):
+        out = probe_root(settings) / task.dataset / method.name
+        encoder = str(method.encoder_file) if method.encoder_file else method.name
+        command = ("nnssl_probe", encoder, "-d", str(task.dataset_id), "-o", str(out), *options,
                    "--random-from", str(random_out / "probe.json"))
-        jobs.append(Job(f"probe/{task.dataset}/{name}", "probe", command,
+        jobs.append(Job(f"probe/{task.dataset}/{method.name}", "probe", command,
                         DONE if state.file_exists(out / "probe.json") else NEW,
-                        deps=_ids(plan_job, pretrain_jobs.get(name), jobs[0]),
-                        env=(("nnssl_run", study.corpus_run),), gpu=True))  # the study's run, not the newest
+                        deps=_ids(plan_job, pretrain_jobs.get(method.name), jobs[0]),
+                        env=(("nnssl_run", study.corpus_run),) if method.pretrains else (),  # the study's run
+                        gpu=True))
     plan.jobs += jobs
     return jobs
 
 
 def _task_jobs(study: Study, task: TaskSpec, selection: Selection, settings: Settings, state: ResultsState,
                plan_job: Job, pretrain_jobs: dict[str, Job]) -> tuple[list[Job], list[Job], list[Job]]:
-    """Few-shot fold, fine-tuning and CKA jobs of one task."""
+    """Few-shot fold and plans-variant jobs (those run first), fine-tuning and CKA jobs of one task."""
     shots = [n for n in task.few_shot if n in selection.shots]
     existing, num_splits = state.fewshot(task.dataset)
     fold_of = predicted_fewshot_folds(study, task, shots, existing, num_splits or NUM_MANY_SHOT_FOLDS)
     fewshot_jobs = _fewshot_jobs(study, task, shots, existing, fold_of, plan_job)
     runs = [(base, None, None) for base in selection.folds] if MANY_SHOT in selection.shots else []
     runs += [(base, n, seed) for n in shots for base in selection.folds for seed in study.seeds]
-    finetune_jobs, cka_jobs = [], []
+    variant_jobs, finetune_jobs, cka_jobs = [], [], []
     for name in selection.methods:
         method = study.methods[name]
-        deps = _ids(plan_job, *fewshot_jobs, pretrain_jobs.get(name))
-        by_run = {(base, n, seed): _finetune_job(study, task, method.trainer, method.pretrained,
+        variant_job = _variant_job(study, task, method, plan_job, state) if method.encoder_file else None
+        variant_jobs += [variant_job] if variant_job else []
+        plans = variant_identifier(study.plans_identifier, name) if variant_job else study.plans_identifier
+        deps = _ids(plan_job, *fewshot_jobs, pretrain_jobs.get(name), variant_job)
+        by_run = {(base, n, seed): _finetune_job(study, task, method.trainer, method.pretrains,
                                                  base if n is None else fold_of[(base, n, seed)], deps, settings,
-                                                 state, study.seeds[0] if seed is None else seed)
+                                                 state, study.seeds[0] if seed is None else seed, plans=plans)
                   for base, n, seed in runs}
         finetune_jobs += by_run.values()
         for base, n, seed in by_run:
             if n is not None and base in study.cka_base_folds and (base, None, None) in by_run:
                 cka_jobs.append(_cka_job(study, task, method.trainer, n, base, seed, fold_of[(base, n, seed)],
-                                         (by_run[(base, n, seed)], by_run[(base, None, None)]), settings, state))
+                                         (by_run[(base, n, seed)], by_run[(base, None, None)]), settings, state,
+                                         plans))
     for name in selection.baselines:
         baseline = study.baselines[name]
         finetune_jobs += [_finetune_job(study, task, baseline.trainer, False,
                                         base if n is None else fold_of[(base, n, seed)], _ids(plan_job, *fewshot_jobs),
                                         settings, state, study.seeds[0] if seed is None else seed, baseline)
                           for base, n, seed in runs]
-    return fewshot_jobs, finetune_jobs, cka_jobs
+    return fewshot_jobs + variant_jobs, finetune_jobs, cka_jobs
 
 
 def _ids(*jobs: Job | None) -> tuple[str, ...]:
@@ -312,6 +326,15 @@ def _corpus_job(study: Study, settings: Settings, state: ResultsState, plan: Stu
     return job
 
 
+def _variant_job(study: Study, task: TaskSpec, method: MethodSpec, plan_job: Job, state: ResultsState) -> Job:
+    """The plans variant an imported encoder fine-tunes on: its own model folder, the task's preprocessed data."""
+    plans = variant_identifier(study.plans_identifier, method.name)
+    command = ("nnssl_align_plans", "-d", str(task.dataset_id), "-pl", study.plans_identifier, "--variant",
+               method.name, "--knob", f"nnssl_encoder_file={method.encoder_file}")
+    done = state.preprocessed(task.dataset, plans)
+    return Job(f"plan/{task.dataset}/{plans}", "plan", command, DONE if done else NEW, deps=_ids(plan_job))
+
+
 def _fewshot_jobs(study: Study, task: TaskSpec, shots: list[int], existing: dict[str, dict],
                   fold_of: dict[tuple[int, int, int], int], plan_job: Job) -> list[Job]:
     jobs: list[Job] = []
@@ -329,8 +352,9 @@ def _fewshot_jobs(study: Study, task: TaskSpec, shots: list[int], existing: dict
 
 
 def _finetune_job(study: Study, task: TaskSpec, trainer: str, pretrained: bool, fold: int, deps: tuple[str, ...],
-                  settings: Settings, state: ResultsState, seed: int, baseline: BaselineSpec | None = None) -> Job:
-    plans = baseline.plans_identifier if baseline else study.plans_identifier
+                  settings: Settings, state: ResultsState, seed: int, baseline: BaselineSpec | None = None,
+                  plans: str | None = None) -> Job:
+    plans = baseline.plans_identifier if baseline else (plans or study.plans_identifier)
     configuration = baseline.configuration if baseline else study.configuration
     run_state = state.finetune(task.dataset, trainer, fold, plans, configuration)
     command = ["nnUNetv2_train", str(task.dataset_id), configuration, str(fold), "-tr", trainer]
@@ -348,8 +372,9 @@ def _finetune_job(study: Study, task: TaskSpec, trainer: str, pretrained: bool, 
 
 
 def _cka_job(study: Study, task: TaskSpec, trainer: str, shots: int, base: int, seed: int, fold: int,
-             pair: tuple[Job, Job], settings: Settings, state: ResultsState) -> Job:
-    model = state.model_folder(task.dataset, trainer)
+             pair: tuple[Job, Job], settings: Settings, state: ResultsState, plans: str) -> Job:
+    model = state.model_folder(task.dataset, trainer, plans)
+    trainer = trainer if plans == study.plans_identifier else f"{trainer}__{plans}"  # one folder per variant
     out = settings.output / "cka" / task.dataset / trainer / f"{shots}shot_fold{base}_seed{seed}"
     command = ("nnssl_cka", f"{model}:{fold}", f"{model}:{base}", *_device_flag(settings), *study.cka_args,
                "-o", str(out))
