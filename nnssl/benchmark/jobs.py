@@ -240,9 +240,9 @@ def _task_jobs(study: Study, task: TaskSpec, selection: Selection, settings: Set
     variant_jobs, finetune_jobs, cka_jobs = [], [], []
     for name in selection.methods:
         method = study.methods[name]
-        variant_job = _variant_job(study, task, method, plan_job, state) if method.encoder_file else None
+        plans = variant_identifier(study.plans_identifier, name) if method.encoder_file else study.plans_identifier
+        variant_job = _variant_job(study, task, method, plans, plan_job, state) if method.encoder_file else None
         variant_jobs += [variant_job] if variant_job else []
-        plans = variant_identifier(study.plans_identifier, name) if variant_job else study.plans_identifier
         deps = _ids(plan_job, *fewshot_jobs, pretrain_jobs.get(name), variant_job)
         by_run = {(base, n, seed): _finetune_job(study, task, method.trainer, method.pretrains,
                                                  base if n is None else fold_of[(base, n, seed)], deps, settings,
@@ -326,9 +326,9 @@ def _corpus_job(study: Study, settings: Settings, state: ResultsState, plan: Stu
     return job
 
 
-def _variant_job(study: Study, task: TaskSpec, method: MethodSpec, plan_job: Job, state: ResultsState) -> Job:
-    """The plans variant an imported encoder fine-tunes on: its own model folder, the task's preprocessed data."""
-    plans = variant_identifier(study.plans_identifier, method.name)
+def _variant_job(study: Study, task: TaskSpec, method: MethodSpec, plans: str, plan_job: Job,
+                 state: ResultsState) -> Job:
+    """The plans variant ``plans`` an imported encoder fine-tunes on: its own model folder, the task's data."""
     command = ("nnssl_align_plans", "-d", str(task.dataset_id), "-pl", study.plans_identifier, "--variant",
                method.name, "--knob", f"nnssl_encoder_file={method.encoder_file}")
     done = state.preprocessed(task.dataset, plans)
