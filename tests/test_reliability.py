@@ -22,7 +22,7 @@ from nnssl.pretrain.run_folder import LATEST, CsvLog, latest_good_checkpoint, re
 from nnssl.pretrain.run_lock import OWNER_FILE, RunLock, process_start_time
 
 KILLS = 10
-STEPS = 60  # each killed segment runs a few steps: room for ten of them before the run would finish
+STEPS = 30  # each killed segment is killed at its first new checkpoint (one step): room for ten of them
 
 
 def _rows(run: Path) -> list[dict]:
