@@ -14,15 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from nnssl.data.synthetic import SyntheticSpec, write_corpus, write_task
+from nnssl.data.synthetic import write_corpus, write_task
 
 BIN = Path(sys.executable).parent
 CT_TASK_ID, CT_TASK_NAME = 990, "SynthCT"
 CORPUS_ID = 501
-# CT task cases small enough that, after nnU-Net's resampling, each fits in one SwinUNETR patch (nnU-Net plans
-# [28, 56, 56], the trainers round it to [32, 64, 64]): nnU-Net's validation and nnUNetv2_predict then run one
-# sliding-window tile per mirroring instead of four (the generator's default cases, up to 38x88x90, need 2x2).
-CT_TASK_SPEC = SyntheticSpec("CT", min_shape=(24, 48, 48), max_shape=(26, 56, 56))
 # nnssl_pretrain options for a few-second CPU run: tiny Swin, 32^3 crops, batch 2, no worker processes
 TINY_PRETRAIN = ("--backbone", "tiny", "--patch-size", "32", "32", "32", "--batch-size", "2", "--device", "cpu",
                  "--num-workers", "0")
@@ -131,8 +127,7 @@ class Task:
 @pytest.fixture(scope="session")
 def ct_task(nnunet_env) -> Task:
     """Synthetic CT task (8 training + 2 test cases), planned and preprocessed by the real nnU-Net script."""
-    raw = write_task(nnunet_env.raw, CT_TASK_ID, CT_TASK_NAME, num_training=8, num_test=2, seed=1,
-                     spec=CT_TASK_SPEC)
+    raw = write_task(nnunet_env.raw, CT_TASK_ID, CT_TASK_NAME, num_training=8, num_test=2, seed=1)
     plan_and_preprocess(CT_TASK_ID)
     return Task(CT_TASK_ID, CT_TASK_NAME, raw, nnunet_env.preprocessed / raw.name)
 
