@@ -229,7 +229,8 @@ def test_seeds_repeat_every_many_shot_fold_in_seed_variants(tmp_path, no_roots):
         "plan/Dataset981_ToyCT/nnsslPlans_seed1": "nnssl_align_plans -d 981 -pl nnsslPlans --variant seed1 "
                                                   "--knob nnssl_seed=1",
         "plan/Dataset981_ToyCT/nnsslPlans_tang_seed1": f"nnssl_align_plans -d 981 -pl nnsslPlans --variant "
-                                                       f"tang_seed1 --knob nnssl_encoder_file={tang} --knob nnssl_seed=1"}
+                                                       f"tang_seed1 --knob nnssl_encoder_file={tang} "
+                                                       f"--knob nnssl_seed=1"}
     repeat = jobs["finetune/Dataset981_ToyCT/nnUNetTrainer__nnsslPlans_seed1__3d_fullres/fold_0"]
     assert "plan/Dataset981_ToyCT/nnsslPlans_seed1" in repeat.deps
 

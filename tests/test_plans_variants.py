@@ -8,7 +8,8 @@ import pytest
 
 from conftest import run_cli
 from nnssl.errors import NnsslError
-from nnssl.plans_variants import apply_variant_knobs, variant_identifier, write_plans_variant
+from nnssl.plans_variants import (apply_variant_knobs, seed_repeat, seed_variant_name, variant_identifier,
+                                  write_plans_variant)
 
 PLANS = {"dataset_name": "Dataset990_SynthCT", "plans_name": "nnsslPlans",
          "configurations": {"3d_fullres": {"data_identifier": "nnsslPlans_3d_fullres", "patch_size": [64, 64, 64]}}}
@@ -51,6 +52,16 @@ def test_knobs_are_defaults_the_environment_overrides(monkeypatch):
     assert apply_variant_knobs(plans) == {"nnssl_encoder_file": "/enc/x.pth"}
     assert os.environ["nnssl_seed"] == "3" and os.environ["nnssl_encoder_file"] == "/enc/x.pth"
     assert apply_variant_knobs(PLANS) == {}
+
+
+def test_seed_repeats_map_back_to_the_run_they_repeat():
+    encoder = {"nnssl_encoder_file": "/enc/voco.pth"}
+    assert (seed_variant_name(None, 1), seed_variant_name("voco", 2)) == ("seed1", "voco_seed2")
+    assert seed_repeat({"name": "seed1", "knobs": {"nnssl_seed": "1"}}) == (None, 1)
+    assert seed_repeat({"name": "voco_seed2", "knobs": {**encoder, "nnssl_seed": "2"}}) == ("voco", 2)
+    assert seed_repeat({"name": "voco", "knobs": encoder}) is None
+    assert seed_repeat({"name": "seed1", "knobs": encoder}) is None  # an imported encoder that is named seed1
+    assert seed_repeat({"name": "seed1", "knobs": {"nnssl_seed": "2"}}) is None  # not made by seed_variant_name
 
 
 def test_imported_encoder_trains_on_its_variant_and_the_report_names_it(ct_task, tmp_path):

@@ -95,7 +95,8 @@ def _fold_key(fold: str) -> tuple:
 
 def _fold_row(run: FoldRun) -> dict[str, Any]:
     row = {"task": run.task, "dataset": run.dataset, "modality": run.modality, "trainer": run.trainer,
-           "method": run.method, "family": run.family, "fold": run.fold, "shot": run.shot, "status": run.status,
+           "plans": run.plans, "method": run.method, "family": run.family, "fold": run.fold, "shot": run.shot,
+           "status": run.status,
            "cases": len(run.case_dice), "dice_mean": float(np.mean(run.case_dice)) if run.case_dice else math.nan,
            "epochs": len(run.logging.get("ema_fg_dice", [])) or None}
     if run.logging.get("ema_fg_dice"):
