@@ -58,6 +58,12 @@ def seed_repeat(record: dict[str, Any]) -> tuple[str | None, int] | None:
     return (name[:-len(repeat) - 1], int(seed)) if name.endswith(f"_{repeat}") else None
 
 
+def repeated_identifier(plans_identifier: str, repeat: str) -> str:
+    """The plans identifier of the run that the seed repeat ``repeat`` (``seed1``, "" for none) of
+    ``plans_identifier`` repeats: ``nnsslPlans_voco`` for ``nnsslPlans_voco_seed1``."""
+    return plans_identifier.removesuffix(f"_{repeat}") if repeat else plans_identifier
+
+
 def write_plans_variant(preprocessed_dataset: Path, plans_identifier: str, name: str,
                         knobs: dict[str, str]) -> Path:
     """``<preprocessed_dataset>/<plans_identifier>_<name>.json``: the plans ``plans_identifier`` under the new

@@ -22,6 +22,7 @@ from nnssl.analysis.results import (IMPORTED_FAMILY, UNKNOWN, ModelFolder, case_
 from nnssl.errors import NnsslError
 from nnssl.io import load_json
 from nnssl.paths import dataset_folder, nnunet_preprocessed, nnunet_results
+from nnssl.plans_variants import repeated_identifier, variant_identifier
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +184,8 @@ def missing_runs(runs: list[FoldRun]) -> list[FoldRun]:
                 # a baseline and an imported encoder keep their own plans; other methods share the task's
                 origin = methods[method] if methods[method].family in (BASELINE, IMPORTED_FAMILY) else example
                 trainer = methods[method].trainer
-                plans = _first_seed_plans(origin)
-                plans = f"{plans}_{repeat}" if repeat else plans
+                plans = repeated_identifier(origin.plans, origin.seed_repeat)
+                plans = variant_identifier(plans, repeat) if repeat else plans
                 missing.append(FoldRun(task=task, dataset=example.dataset, modality=example.modality, trainer=trainer,
                                        plans=plans, configuration=origin.configuration, method=method,
                                        family=methods[method].family, fold=fold, shot=folds[(fold, repeat)],
@@ -192,8 +193,3 @@ def missing_runs(runs: list[FoldRun]) -> list[FoldRun]:
                                        detail=f"train with: nnUNetv2_train {example.dataset} {origin.configuration} "
                                               f"{fold} -tr {trainer} -p {plans}"))
     return missing
-
-
-def _first_seed_plans(run: FoldRun) -> str:
-    """The plans of the study's first seed of ``run`` (``nnsslPlans`` for a run on ``nnsslPlans_seed1``)."""
-    return run.plans[:-len(run.seed_repeat) - 1] if run.seed_repeat else run.plans

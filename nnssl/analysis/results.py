@@ -13,7 +13,7 @@ from pathlib import Path
 from nnssl.errors import NnsslError
 from nnssl.fewshot import FEWSHOT_FILENAME, NUM_MANY_SHOT_FOLDS
 from nnssl.io import load_json
-from nnssl.plans_variants import seed_repeat, seed_variant_name, variant_identifier, variant_record
+from nnssl.plans_variants import repeated_identifier, seed_repeat, seed_variant_name, variant_record
 
 SCRATCH = "scratch"  # method name of a SwinUNETR trained from random initialisation
 UNKNOWN = "unknown"
@@ -68,10 +68,7 @@ class ModelFolder:
     @property
     def repeated_plans(self) -> str:
         """The plans of the run a seed repeat repeats (``nnsslPlans`` for ``nnsslPlans_seed1``), else its own."""
-        if not self.seed_repeat:
-            return self.plans
-        variant = self.method_variant
-        return variant_identifier(self.study_plans, variant) if variant else self.study_plans
+        return repeated_identifier(self.plans, self.seed_repeat)
 
     @property
     def study_plans(self) -> str:
