@@ -10,6 +10,11 @@ the preprocessed data are shared, nothing is preprocessed again). A variant writ
 environment variable set by the user still wins). So ``nnUNetv2_train 3 3d_fullres 0 -tr
 SwinUNETR_Imported_Trainer -p nnsslPlans_voco`` fine-tunes the VoCo encoder with nothing else set, and
 ``nnUNetv2_predict -p nnsslPlans_voco`` finds the model.
+
+A seed repeat of a run (the study fine-tunes every many-shot fold once per seed of its ``seeds``) is a variant too:
+``seed1`` with the knob ``nnssl_seed=1`` (``nnsslPlans_seed1``), or, of an imported encoder's run, ``voco_seed1``
+with the encoder's knob kept (``nnsslPlans_voco_seed1``). Both are made of the study's plans, so ``"of"`` names the
+plans the study compares on, and :func:`seed_repeat` maps a repeat back to the run it repeats.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from nnssl.errors import NnsslError
 from nnssl.io import load_json, locked, save_json
 
 VARIANT_KEY = "nnssl_variant"
+SEED_KNOB = "nnssl_seed"
 _NAME = re.compile(r"^[A-Za-z0-9]+([_-][A-Za-z0-9]+)*$")  # never "__": nnU-Net's folder-name separator
 
 
@@ -32,6 +38,30 @@ def variant_identifier(plans_identifier: str, name: str) -> str:
         raise NnsslError(f"Plans variant name {name!r} must be letters and digits with single '_' or '-' between "
                          f"them (it becomes part of nnU-Net's plans identifier and model folder name), e.g. 'voco_b'.")
     return f"{plans_identifier}_{name}"
+
+
+def seed_variant_name(name: str | None, seed: int) -> str:
+    """The variant name of fine-tuning seed ``seed`` of a run on the plans (``seed1``) or on the variant ``name``
+    (``voco_seed1``)."""
+    return f"{name}_seed{seed}" if name else f"seed{seed}"
+
+
+def seed_repeat(record: dict[str, Any]) -> tuple[str | None, int] | None:
+    """(the variant repeated or None for the plans themselves, seed) when ``record`` is a seed repeat made by
+    :func:`seed_variant_name` (``voco_seed1`` -> ``("voco", 1)``, ``seed1`` -> ``(None, 1)``), else None."""
+    seed = record.get("knobs", {}).get(SEED_KNOB, "")
+    if not seed.isdigit():
+        return None
+    name, repeat = record["name"], seed_variant_name(None, int(seed))
+    if name == repeat:
+        return None, int(seed)
+    return (name[:-len(repeat) - 1], int(seed)) if name.endswith(f"_{repeat}") else None
+
+
+def repeated_identifier(plans_identifier: str, repeat: str) -> str:
+    """The plans identifier of the run that the seed repeat ``repeat`` (``seed1``, "" for none) of
+    ``plans_identifier`` repeats: ``nnsslPlans_voco`` for ``nnsslPlans_voco_seed1``."""
+    return plans_identifier.removesuffix(f"_{repeat}") if repeat else plans_identifier
 
 
 def write_plans_variant(preprocessed_dataset: Path, plans_identifier: str, name: str,

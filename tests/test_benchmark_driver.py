@@ -200,6 +200,41 @@ def test_imported_encoders_are_methods_with_their_own_plans_variant(tmp_path, no
         run_benchmark(plan=path, dry_run=True)
 
 
+def test_seeds_repeat_every_many_shot_fold_in_seed_variants(tmp_path, no_roots):
+    imported = {"tang": {"trainer": "SwinUNETR_Imported_Trainer", "encoder_file": "encoders/tang.pth"}}
+    path = tmp_path / "toy.json"
+    path.write_text(json.dumps({**TOY_PLAN, "plans_identifier": "nnsslPlans", "seeds": [0, 1],
+                                "methods": {**TOY_PLAN["methods"], **imported},
+                                "baselines": {"nnUNet": {"trainer": "nnUNetTrainer"}}}))
+    outcome = run_benchmark(plan=path, device="cpu", folds=[0], shots=["all"], output=tmp_path / "out", dry_run=True)
+    jobs = {j.id: j for j in outcome.plan.jobs}
+    finetune = sorted(j.shell() for j in jobs.values() if j.kind == "finetune")
+    train = "nnUNetv2_train 981 3d_fullres 0 -tr"
+    assert finetune == sorted([  # the first seed in the study's model folders, seed 1 in seed variants
+        f"nnssl_backbone=tiny nnssl_seed=0 nnssl_num_epochs=3 nnssl_run=tiny_d980 {train} SwinUNETR_SMIT_Trainer "
+        f"-p nnsslPlans -device cpu",
+        f"nnssl_backbone=tiny nnssl_seed=1 nnssl_num_epochs=3 nnssl_run=tiny_d980 {train} SwinUNETR_SMIT_Trainer "
+        f"-p nnsslPlans_seed1 -device cpu",
+        *(f"nnssl_backbone=tiny nnssl_seed={s} nnssl_num_epochs=3 {train} {trainer} -p {plans} -device cpu"
+          for trainer, plans_of in (("SwinUNETR_Scratch_Trainer", "nnsslPlans"),
+                                    ("SwinUNETR_Imported_Trainer", "nnsslPlans_tang"))
+          for s, plans in ((0, plans_of), (1, f"{plans_of}_seed1"))),
+        f"nnssl_num_epochs=3 {train} nnUNetTrainer -p nnsslPlans -device cpu",
+        f"nnssl_num_epochs=3 {train} nnUNetTrainer -p nnsslPlans_seed1 -device cpu"])
+    tang = tmp_path / "encoders" / "tang.pth"
+    variants = {i: j.shell() for i, j in jobs.items() if i.startswith("plan/Dataset981_ToyCT/")}
+    assert variants == {  # one variant job per plans variant, shared by every trainer fine-tuned on it
+        "plan/Dataset981_ToyCT/nnsslPlans_tang": f"nnssl_align_plans -d 981 -pl nnsslPlans --variant tang "
+                                                 f"--knob nnssl_encoder_file={tang}",
+        "plan/Dataset981_ToyCT/nnsslPlans_seed1": "nnssl_align_plans -d 981 -pl nnsslPlans --variant seed1 "
+                                                  "--knob nnssl_seed=1",
+        "plan/Dataset981_ToyCT/nnsslPlans_tang_seed1": f"nnssl_align_plans -d 981 -pl nnsslPlans --variant "
+                                                       f"tang_seed1 --knob nnssl_encoder_file={tang} "
+                                                       f"--knob nnssl_seed=1"}
+    repeat = jobs["finetune/Dataset981_ToyCT/nnUNetTrainer__nnsslPlans_seed1__3d_fullres/fold_0"]
+    assert "plan/Dataset981_ToyCT/nnsslPlans_seed1" in repeat.deps
+
+
 # -- resume decisions on a fake results tree ----------------------------------------------------------------------
 def _json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

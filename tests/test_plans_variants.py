@@ -8,7 +8,8 @@ import pytest
 
 from conftest import run_cli
 from nnssl.errors import NnsslError
-from nnssl.plans_variants import apply_variant_knobs, variant_identifier, write_plans_variant
+from nnssl.plans_variants import (apply_variant_knobs, seed_repeat, seed_variant_name, variant_identifier,
+                                  write_plans_variant)
 
 PLANS = {"dataset_name": "Dataset990_SynthCT", "plans_name": "nnsslPlans",
          "configurations": {"3d_fullres": {"data_identifier": "nnsslPlans_3d_fullres", "patch_size": [64, 64, 64]}}}
@@ -53,9 +54,20 @@ def test_knobs_are_defaults_the_environment_overrides(monkeypatch):
     assert apply_variant_knobs(PLANS) == {}
 
 
+def test_seed_repeats_map_back_to_the_run_they_repeat():
+    encoder = {"nnssl_encoder_file": "/enc/voco.pth"}
+    assert (seed_variant_name(None, 1), seed_variant_name("voco", 2)) == ("seed1", "voco_seed2")
+    assert seed_repeat({"name": "seed1", "knobs": {"nnssl_seed": "1"}}) == (None, 1)
+    assert seed_repeat({"name": "voco_seed2", "knobs": {**encoder, "nnssl_seed": "2"}}) == ("voco", 2)
+    assert seed_repeat({"name": "voco", "knobs": encoder}) is None
+    assert seed_repeat({"name": "seed1", "knobs": encoder}) is None  # an imported encoder that is named seed1
+    assert seed_repeat({"name": "seed1", "knobs": {"nnssl_seed": "2"}}) is None  # not made by seed_variant_name
+
+
 def test_imported_encoder_trains_on_its_variant_and_the_report_names_it(ct_task, tmp_path):
     """Through the console scripts: nnssl_align_plans --variant, nnUNetv2_train -p <variant> with no knob set (the
-    variant gives the encoder file), the report's row named after the variant, nnUNetv2_predict on it."""
+    variant gives the encoder file and, as the study's seed repeat of the encoder's run, the seed), the report's row
+    named after the encoder's variant, nnUNetv2_predict on it."""
     from nnssl.checkpoints import save_encoder
     from nnssl.networks import SwinEncoder, get_preset
 
@@ -65,22 +77,25 @@ def test_imported_encoder_trains_on_its_variant_and_the_report_names_it(ct_task,
     preprocessed = tmp_path / "preprocessed"  # a copy: the session's dataset stays without variants
     shutil.copytree(ct_task.preprocessed, preprocessed / ct_task.dataset)
     env = {"nnUNet_preprocessed": str(preprocessed), "nnUNet_results": str(tmp_path / "results"),
-           "nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "1", "nnssl_encoder_file": None}
-    made = run_cli("nnssl_align_plans", "-d", ct_task.dataset_id, "-pl", "nnUNetPlans", "--variant", "tang",
-                   "--knob", f"nnssl_encoder_file={encoder}", env=env)
-    assert "train with -p nnUNetPlans_tang" in made.stdout
+           "nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "1", "nnssl_encoder_file": None,
+           "nnssl_seed": None}
+    made = run_cli("nnssl_align_plans", "-d", ct_task.dataset_id, "-pl", "nnUNetPlans", "--variant", "tang_seed1",
+                   "--knob", f"nnssl_encoder_file={encoder}", "--knob", "nnssl_seed=1", env=env)
+    assert "train with -p nnUNetPlans_tang_seed1" in made.stdout
     run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "0", "-tr", "SwinUNETR_Imported_Trainer",
-            "-p", "nnUNetPlans_tang", "-device", "cpu", env=env)
-    folder = tmp_path / "results" / ct_task.dataset / "SwinUNETR_Imported_Trainer__nnUNetPlans_tang__3d_fullres"
+            "-p", "nnUNetPlans_tang_seed1", "-device", "cpu", env=env)
+    folder = (tmp_path / "results" / ct_task.dataset /
+              "SwinUNETR_Imported_Trainer__nnUNetPlans_tang_seed1__3d_fullres")
     record = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
     assert record["configurations"]["3d_fullres"]["nnssl"]["pretrained"]["path"] == str(encoder.resolve())
     assert record["configurations"]["3d_fullres"]["data_identifier"] == "nnUNetPlans_3d_fullres"  # shared data
+    assert record["configurations"]["3d_fullres"]["nnssl"]["seeds"] == {"0": 1}
     run_cli("nnssl_report", ct_task.dataset_id, "-o", tmp_path / "report", env=env)
     with open(tmp_path / "report" / "dice.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert [(r["method"], r["family"]) for r in rows] == [("tang", "imported")]
     predictions = tmp_path / "predictions"
     run_cli("nnUNetv2_predict", "-i", ct_task.raw / "imagesTs", "-o", predictions, "-d", ct_task.dataset_id,
-            "-c", "3d_fullres", "-f", "0", "-tr", "SwinUNETR_Imported_Trainer", "-p", "nnUNetPlans_tang",
+            "-c", "3d_fullres", "-f", "0", "-tr", "SwinUNETR_Imported_Trainer", "-p", "nnUNetPlans_tang_seed1",
             "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta", env=env)
     assert len(list(predictions.glob("*.nii.gz"))) == 2

@@ -300,3 +300,51 @@ def test_unreadable_checkpoints_are_skipped_with_a_note(tmp_path, monkeypatch, d
     notes = (tmp_path / "out" / "report.md").read_text(encoding="utf-8").split("## Notes")[1]
     for path in (final, latest):
         assert f"- {path} is not a readable nnU-Net checkpoint (" in notes
+
+
+def _seed_folder(results, trainer, plans, folds, seed=None, nnssl=True):
+    """A model folder trained on ``plans`` (a seed variant of nnsslPlans when ``seed`` is given)."""
+    model = results / "Dataset804_Seeds" / f"{trainer}__{plans}__3d_fullres"
+    model.mkdir(parents=True)
+    record = {"nnssl_variant": {"of": "nnsslPlans", "name": f"seed{seed}", "knobs": {"nnssl_seed": str(seed)}}} \
+        if seed else {}
+    settings = {"nnssl": {"backbone": {"name": "tiny"}, "trainer": trainer, "pretrained": None}} if nnssl else {}
+    save_json({"dataset_name": "Dataset804_Seeds", "plans_name": plans, **record,
+               "configurations": {"3d_fullres": {"patch_size": [32, 32, 32], **settings}}}, model / "plans.json")
+    save_json({**DATASETS["Dataset801_CTa"], "labels": {"background": 0, "a": 1, "b": 2}, "file_ending": ".nii.gz"},
+              model / "dataset.json")
+    for fold, means in folds.items():
+        write_fold(model, "Dataset804_Seeds", trainer, fold, cases(*means), DEFAULT_CURVE)
+
+
+def test_seed_repeats_are_pooled_and_their_noise_reported(tmp_path, monkeypatch, dummy_registry):
+    """simmim and the nnU-Net baseline fine-tuned with seeds 0 and 1 (seed 1 in nnsslPlans_seed1), dino with seed 0."""
+    results = tmp_path / "results"
+    simmim, baseline = TRAINERS["simmim"], "nnUNetTrainer"
+    _seed_folder(results, simmim, "nnsslPlans", {"0": (0.8, 0.6), "1": (0.6, 0.4)})  # fold means 0.7, 0.5
+    _seed_folder(results, simmim, "nnsslPlans_seed1", {"0": (0.6, 0.6), "1": (0.4, 0.4)}, seed=1)  # 0.6, 0.4
+    _seed_folder(results, TRAINERS["dino"], "nnsslPlans", {"0": (0.5, 0.5), "1": (0.3, 0.3)})
+    _seed_folder(results, baseline, "nnsslPlans", {"0": (0.5, 0.5), "1": (0.5, 0.5)}, nnssl=False)
+    _seed_folder(results, baseline, "nnsslPlans_seed1", {"0": (0.3, 0.3), "1": (0.3, 0.3)}, seed=1, nnssl=False)
+    monkeypatch.setenv("nnUNet_results", str(results))
+    (tmp_path / "preprocessed" / "Dataset804_Seeds").mkdir(parents=True)  # no fewshot.json: many-shot only
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    tables = make_report(output=tmp_path / "out", baselines=["nnUNetTrainer"])
+    pooled = row(tables["dice"], method="simmim", shot="many-shot")  # one row: the seed variant is simmim too
+    assert (pooled["folds"], pooled["seeds"], pooled["cases"], pooled["family"]) == (2, 2, 8, "mim")
+    assert pooled["dice_mean"] == pytest.approx(0.55)  # 4.4 / 8 cases
+    assert pooled["dice_fold_std"] == pytest.approx(math.sqrt(0.02))  # fold means over seeds: 0.65 and 0.45
+    noise = row(tables["seed_noise"], method="simmim")
+    assert noise["seed_dice"] == "0.600 0.500" and noise["seed_std"] == pytest.approx(math.sqrt(0.005))
+    assert noise["methods_std"] == pytest.approx(0.15 / math.sqrt(2))  # ranked methods: simmim 0.55, dino 0.4
+    assert noise["seed_to_methods"] == pytest.approx(2 / 3)
+    assert row(tables["seed_noise"], method="nnUNetTrainer")["seed_std"] == pytest.approx(math.sqrt(0.02))
+    assert not [r for r in tables["seed_noise"] if r["method"] == "dino"]  # one seed: no seed noise
+    # per case the mean over the seeds of its fold: simmim 0.7 0.6 0.5 0.4, the baseline 0.4 each
+    versus = row(tables["statistics"], method="simmim", reference="nnUNetTrainer", metric="dice")
+    assert (versus["pairs"], versus["mean_difference"]) == (4, pytest.approx(0.15))
+    missing = {(r["method"], r["fold"]): r["detail"] for r in tables["problems"]}
+    assert set(missing) == {("dino", "0"), ("dino", "1")}  # dino lacks seed 1
+    assert missing[("dino", "1")].endswith("1 -tr SwinUNETR_DINO_Trainer -p nnsslPlans_seed1")
+    markdown = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "## Seed noise" in markdown and "0.600 0.500" in markdown

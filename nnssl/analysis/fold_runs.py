@@ -22,6 +22,7 @@ from nnssl.analysis.results import (IMPORTED_FAMILY, UNKNOWN, ModelFolder, case_
 from nnssl.errors import NnsslError
 from nnssl.io import load_json
 from nnssl.paths import dataset_folder, nnunet_preprocessed, nnunet_results
+from nnssl.plans_variants import repeated_identifier, variant_identifier
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class FoldRun:
     fold: str
     shot: str
     status: str
+    seed_repeat: str = ""  # "seed<s>": a many-shot fold fine-tuned again with seed s (a seed variant's folder)
     detail: str = ""
     case_dice: list[float] = field(default_factory=list)
     case_ids: list[str] = field(default_factory=list)  # the cases of case_dice, in the same order
@@ -120,7 +122,8 @@ def collect_runs(datasets: Sequence[str] | None = None,
     for dataset_dir in dataset_dirs:
         folders = [parse_model_folder(p) for p in sorted(dataset_dir.iterdir())
                    if p.is_dir() and p.name.count("__") == 2]
-        references = [f for f in folders if f.path.name in baselines]
+        # a baseline's seed repeats are its rows too
+        references = [f for f in folders if _repeated_name(f) in baselines]
         folders = [f for f in folders if f not in references and (f.trainer in ours or f.nnssl_settings() is not None)]
         if not folders:
             notes.append(f"{dataset_dir.name}: no nnssl SwinUNETR model folders")
@@ -132,15 +135,15 @@ def collect_runs(datasets: Sequence[str] | None = None,
                 notes.append(f"{folder.path}: no dataset.json (not written by nnUNetv2_train?); skipped")
                 continue
             if folder in references:
-                method, family = baselines[folder.path.name], BASELINE
+                method, family = baselines[_repeated_name(folder)], BASELINE
             else:
                 method = folder_method(folder, ours)
-                family = IMPORTED_FAMILY if folder.variant() else method_family(method)
+                family = IMPORTED_FAMILY if folder.method_variant else method_family(method)
             base = {"task": f"{folder.dataset} [{folder.study_plans}/{folder.configuration}]" if several
                     else folder.dataset,
                     "dataset": folder.dataset, "modality": dataset_modality(load_json(folder.path / "dataset.json")),
                     "trainer": folder.trainer, "plans": folder.plans, "configuration": folder.configuration,
-                    "method": method, "family": family}
+                    "method": method, "family": family, "seed_repeat": folder.seed_repeat}
             for fold in folder.folds:
                 runs.append(_read_fold(folder, fold, {**base, "shot": shot_setting(fold, fewshot)}, notes))
     if not runs:
@@ -148,6 +151,11 @@ def collect_runs(datasets: Sequence[str] | None = None,
                          f"{' for ' + ', '.join(map(str, datasets)) if datasets else ''}. Train one with: "
                          f"nnUNetv2_train DATASET 3d_fullres FOLD -tr SwinUNETR_Scratch_Trainer")
     return runs, notes
+
+
+def _repeated_name(folder: ModelFolder) -> str:
+    """The model folder name of the run ``folder`` repeats with another seed (its own name if it is no repeat)."""
+    return f"{folder.trainer}__{folder.repeated_plans}__{folder.configuration}"
 
 
 def _fewshot_of(dataset: str, notes: list[str]) -> dict[str, dict]:
@@ -161,23 +169,27 @@ def _fewshot_of(dataset: str, notes: list[str]) -> dict[str, dict]:
 
 
 def missing_runs(runs: list[FoldRun]) -> list[FoldRun]:
-    """Placeholders for every (task, method, fold) that another method of the task has but this one lacks;
-    methods are those found in any task."""
-    methods = {r.method: r for r in runs}
+    """Placeholders for every (task, method, fold, seed repeat) that another method of the task has but this one
+    lacks; methods are those found in any task."""
+    methods = {r.method: r for r in runs if not r.seed_repeat}
+    methods.update({r.method: r for r in runs if r.method not in methods})  # only seed repeats found
     missing = []
     for task in dict.fromkeys(r.task for r in runs):
         in_task = [r for r in runs if r.task == task]
-        folds = {r.fold: r.shot for r in in_task}
-        present = {(r.method, r.fold) for r in in_task}
-        for method, fold in ((m, f) for m in methods for f in folds):
-            if (method, fold) not in present:
-                example = in_task[0]
-                # a baseline keeps its own plans and configuration; SSL methods share the task's
-                origin = methods[method] if methods[method].family == BASELINE else example
+        folds = {(r.fold, r.seed_repeat): r.shot for r in in_task}
+        present = {(r.method, r.fold, r.seed_repeat) for r in in_task}
+        for method, (fold, repeat) in ((m, f) for m in methods for f in folds):
+            if (method, fold, repeat) not in present:
+                example = next((r for r in in_task if r.family not in (BASELINE, IMPORTED_FAMILY)), in_task[0])
+                # a baseline and an imported encoder keep their own plans; other methods share the task's
+                origin = methods[method] if methods[method].family in (BASELINE, IMPORTED_FAMILY) else example
                 trainer = methods[method].trainer
+                plans = repeated_identifier(origin.plans, origin.seed_repeat)
+                plans = variant_identifier(plans, repeat) if repeat else plans
                 missing.append(FoldRun(task=task, dataset=example.dataset, modality=example.modality, trainer=trainer,
-                                       plans=origin.plans, configuration=origin.configuration, method=method,
-                                       family=methods[method].family, fold=fold, shot=folds[fold], status=MISSING,
+                                       plans=plans, configuration=origin.configuration, method=method,
+                                       family=methods[method].family, fold=fold, shot=folds[(fold, repeat)],
+                                       status=MISSING, seed_repeat=repeat,
                                        detail=f"train with: nnUNetv2_train {example.dataset} {origin.configuration} "
-                                              f"{fold} -tr {trainer} -p {origin.plans}"))
+                                              f"{fold} -tr {trainer} -p {plans}"))
     return missing

@@ -36,7 +36,8 @@ from nnssl.analysis.protocol import alignment_rows, budget_rows, protocol_sectio
 from nnssl.analysis.references import report_baselines
 from nnssl.analysis.review import Review, review
 from nnssl.analysis.summary_tables import (average_ranks, convergence, convergence_table, dice_table, family_table,
-                                           gap_table, group_rows, group_runs, method_key, modality_table, shot_key)
+                                           gap_table, group_rows, group_runs, method_key, modality_table,
+                                           seed_noise_table, shot_key)
 from nnssl.analysis.tables import markdown_table, write_csv
 from nnssl.io import save_text
 from nnssl.paths import nnunet_results
@@ -66,6 +67,7 @@ def make_report(datasets: Sequence[str] | None = None, output: str | Path = "nns
         "dice": dice_rows,
         "ranks": average_ranks(dice_rows),
         "gap": gap_table(dice_rows),
+        "seed_noise": seed_noise_table(runs, dice_rows),
         "convergence": convergence_table(runs),
         "modality": modality_table(dice_rows),
         "families": family_table(dice_rows),
@@ -93,7 +95,8 @@ def _fold_key(fold: str) -> tuple:
 
 def _fold_row(run: FoldRun) -> dict[str, Any]:
     row = {"task": run.task, "dataset": run.dataset, "modality": run.modality, "trainer": run.trainer,
-           "method": run.method, "family": run.family, "fold": run.fold, "shot": run.shot, "status": run.status,
+           "plans": run.plans, "method": run.method, "family": run.family, "fold": run.fold, "shot": run.shot,
+           "status": run.status,
            "cases": len(run.case_dice), "dice_mean": float(np.mean(run.case_dice)) if run.case_dice else math.nan,
            "epochs": len(run.logging.get("ema_fg_dice", [])) or None}
     if run.logging.get("ema_fg_dice"):
@@ -161,7 +164,7 @@ def _markdown(runs: list[FoldRun], tables: dict[str, list[dict]], notes: list[st
         f"{finished} finished fold(s) of {len(runs)} expected, {len(tasks)} task(s), "
         f"{len({r.method for r in runs})} method(s), read from `{nnunet_results()}`.\n",
         "## Dice\n",
-        "Mean ± standard deviation over all validation cases of all folds (per case: mean Dice over the "
+        "Mean ± standard deviation over all validation cases of all folds and seeds (per case: mean Dice over the "
         "foreground labels of nnU-Net's `summary.json`); rank within the task and shot setting in brackets "
         "(baseline rows, family `baseline`, are references: not ranked unless asked with --rank-baselines); "
         "↑s / ↓s, ↑b / ↓b: significantly better / worse than scratch / the baseline (Paired statistics). "
@@ -183,6 +186,12 @@ def _markdown(runs: list[FoldRun], tables: dict[str, list[dict]], notes: list[st
     sections = [
         ("Average rank", "Mean rank over tasks per shot setting; `all` averages over every task and shot setting.",
          "ranks", ["method", "family", "shot", "tasks", "average_rank"]),
+        ("Seed noise", "Many-shot folds fine-tuned once per seed of the plan's `seeds` (further seeds in plans "
+         "variants `<plans>_seed<s>`): each seed's mean Dice over the folds every seed has, their standard deviation "
+         "over seeds, beside the standard deviation over the task's ranked methods of their many-shot mean Dice, and "
+         "the ratio of the two (near or above 1: the method differences are within seed noise). The Dice tables pool "
+         "the seeds; paired statistics first average a case's Dice over the seeds of its fold.", "seed_noise",
+         ["task", "method", "seeds", "folds", "seed_dice", "seed_std", "methods_std", "seed_to_methods"]),
         ("Few-shot to many-shot gap", "Many-shot mean Dice minus few-shot mean Dice (smaller is better).",
          "gap", ["task", "method", "shot", "many_shot_dice", "few_shot_dice", "gap", "relative_gap"]),
         ("Convergence", "From the EMA pseudo-Dice nnU-Net logs per epoch: epochs until it first reaches 90% "

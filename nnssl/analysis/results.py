@@ -13,7 +13,7 @@ from pathlib import Path
 from nnssl.errors import NnsslError
 from nnssl.fewshot import FEWSHOT_FILENAME, NUM_MANY_SHOT_FOLDS
 from nnssl.io import load_json
-from nnssl.plans_variants import variant_record
+from nnssl.plans_variants import repeated_identifier, seed_repeat, seed_variant_name, variant_record
 
 SCRATCH = "scratch"  # method name of a SwinUNETR trained from random initialisation
 UNKNOWN = "unknown"
@@ -48,6 +48,27 @@ class ModelFolder:
     def variant(self) -> dict | None:
         """The ``nnssl_variant`` record when the folder was trained on a plans variant (nnssl.plans_variants)."""
         return variant_record(self._plans())
+
+    @property
+    def method_variant(self) -> str | None:
+        """The variant that names the folder's method (an imported encoder's, also in its seed repeats), or None."""
+        variant = self.variant()
+        if variant is None:
+            return None
+        repeat = seed_repeat(variant)
+        return repeat[0] if repeat else variant["name"]
+
+    @property
+    def seed_repeat(self) -> str:
+        """``seed<s>`` when the folder repeats a run with another fine-tuning seed (a seed variant), else ``""``."""
+        variant = self.variant()
+        repeat = seed_repeat(variant) if variant else None
+        return seed_variant_name(None, repeat[1]) if repeat else ""
+
+    @property
+    def repeated_plans(self) -> str:
+        """The plans of the run a seed repeat repeats (``nnsslPlans`` for ``nnsslPlans_seed1``), else its own."""
+        return repeated_identifier(self.plans, self.seed_repeat)
 
     @property
     def study_plans(self) -> str:
@@ -86,11 +107,11 @@ def trainer_method(trainer_class: type) -> str:
 
 
 def folder_method(folder: ModelFolder, trainers: dict[str, type]) -> str:
-    """The method a model folder fine-tuned: a plans variant's name (an imported encoder in the study), else its
-    trainer's method, else the pretrained record's (a trainer class that is not importable here)."""
-    variant = folder.variant()
-    if variant:
-        return variant["name"]
+    """The method a model folder fine-tuned: a plans variant's name (an imported encoder in the study; a seed repeat
+    is its run's method), else its trainer's method, else the pretrained record's (a trainer class that is not
+    importable here)."""
+    if folder.method_variant:
+        return folder.method_variant
     if folder.trainer in trainers:
         return trainer_method(trainers[folder.trainer])
     return ((folder.nnssl_settings() or {}).get("pretrained") or {}).get("method", SCRATCH)

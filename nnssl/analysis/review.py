@@ -123,14 +123,16 @@ def _add_nsd_columns(dice_rows: list[dict], runs: Sequence[Any], nsd: Mapping[tu
 
 def _merge_folds(runs: Sequence[Any], per_case: Callable[[Any], dict[str, float]]
                  ) -> dict[tuple[str, str, str], dict[tuple[str, str], float]]:
-    """(task, shot, method) -> {(fold, case): value} over the validated runs."""
-    merged: dict[tuple[str, str, str], dict[tuple[str, str], float]] = {}
+    """(task, shot, method) -> {(fold, case): value} over the validated runs; a case of a fold fine-tuned with
+    several seeds gets its mean over them. Averaging, rather than pairing (fold, case, seed) where both methods have
+    the seed, keeps one pair per validation case: seed repeats of one case are not independent samples (they would
+    shrink the p-value without new cases), a method and its reference may have different seeds, and the mean over
+    seeds is the method's less noisy Dice on that case."""
+    by_seed: dict[tuple[str, str, str], dict[tuple[str, str], list[float]]] = {}
     for run in (r for r in runs if r.case_dice):
-        values = per_case(run)
-        if values:
-            merged.setdefault((run.task, run.shot, run.method), {}).update(
-                {(run.fold, case): value for case, value in values.items()})
-    return merged
+        for case, value in per_case(run).items():
+            by_seed.setdefault((run.task, run.shot, run.method), {}).setdefault((run.fold, case), []).append(value)
+    return {key: {pair: _mean(values) for pair, values in cases.items()} for key, cases in by_seed.items()}
 
 
 def _mean(values: Any) -> float:

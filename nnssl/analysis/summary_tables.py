@@ -44,21 +44,47 @@ def group_runs(runs: Iterable[FoldRun], *keys: str) -> dict[tuple, list[FoldRun]
 
 
 def dice_table(runs: list[FoldRun], rank_baselines: bool = False) -> list[dict[str, Any]]:
-    """Per task x method x shot: Dice mean/std over all cases of all folds, std of fold means, rank (NaN for
-    baseline rows unless ``rank_baselines``)."""
+    """Per task x method x shot: Dice mean/std over all cases of all folds and seeds, std of fold means (a fold's
+    mean over its seeds), rank (NaN for baseline rows unless ``rank_baselines``)."""
     rows = []
     for (task, method, shot), group in group_runs((r for r in runs if r.case_dice), "task", "method", "shot").items():
         cases = [d for r in group for d in r.case_dice]
+        fold_means = [np.mean([np.mean(r.case_dice) for r in fold]) for fold in group_runs(group, "fold").values()]
         rows.append({"task": task, "modality": group[0].modality, "method": method, "family": group[0].family,
-                     "shot": shot, "folds": len(group), "cases": len(cases), "dice_mean": float(np.mean(cases)),
-                     "dice_std": _sample_std(cases),
-                     "dice_fold_std": _sample_std([float(np.mean(r.case_dice)) for r in group])})
+                     "shot": shot, "folds": len(fold_means), "seeds": len({r.seed_repeat for r in group}),
+                     "cases": len(cases), "dice_mean": float(np.mean(cases)), "dice_std": _sample_std(cases),
+                     "dice_fold_std": _sample_std(fold_means)})
     for group in group_rows(rows, "task", "shot").values():
         ranked = [r for r in group if is_ranked(r, rank_baselines)]
         for row, rank in zip(ranked, descending_ranks([r["dice_mean"] for r in ranked])):
             row["rank"] = rank
         for row in group:
             row.setdefault("rank", math.nan)
+    return sorted_rows(rows)
+
+
+def seed_noise_table(runs: list[FoldRun], dice_rows: list[dict]) -> list[dict[str, Any]]:
+    """Per task x method with many-shot folds fine-tuned with several seeds: the mean Dice of each seed over the
+    folds every seed has (a seed's fold means averaged), their standard deviation over seeds (``seed_std``: seed
+    noise), beside ``methods_std``, the standard deviation over the task's ranked methods of their many-shot mean
+    Dice (the differences the study measures), and their ratio."""
+    spread = {task: _sample_std([r["dice_mean"] for r in group if not math.isnan(r["rank"])])
+              for (task, shot), group in group_rows(dice_rows, "task", "shot").items() if shot == MANY_SHOT}
+    rows = []
+    many_shot = (r for r in runs if r.case_dice and r.shot == MANY_SHOT)
+    for (task, method), group in group_runs(many_shot, "task", "method").items():
+        by_seed = {repeat: {r.fold: float(np.mean(r.case_dice)) for r in seed_runs}
+                   for (repeat,), seed_runs in group_runs(group, "seed_repeat").items()}
+        folds = sorted(set.intersection(*(set(f) for f in by_seed.values())))
+        if len(by_seed) < 2 or not folds:
+            continue
+        seed_means = [float(np.mean([fold_dice[f] for f in folds])) for fold_dice in by_seed.values()]
+        seed_std = _sample_std(seed_means)
+        rows.append({"task": task, "modality": group[0].modality, "method": method, "family": group[0].family,
+                     "shot": MANY_SHOT, "seeds": len(seed_means), "folds": len(folds),
+                     "seed_dice": " ".join(f"{m:.3f}" for m in seed_means), "seed_std": seed_std,
+                     "methods_std": spread.get(task, math.nan),
+                     "seed_to_methods": seed_std / spread[task] if spread.get(task) else math.nan})
     return sorted_rows(rows)
 
 

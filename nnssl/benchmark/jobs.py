@@ -19,10 +19,15 @@ Jobs, in the order they are listed (and started when their dependencies allow):
 - ``plan`` of each imported encoder (a method with ``encoder_file``): ``nnssl_align_plans -d ID -pl PLANS
   --variant M --knob nnssl_encoder_file=FILE``, the plans variant ``PLANS_M`` it fine-tunes on (its own model
   folder, the task's preprocessed data; no pretraining);
+- ``plan`` of each seed repeat: ``nnssl_align_plans -d ID -pl PLANS --variant seedS --knob nnssl_seed=S`` (of an
+  imported encoder: ``--variant M_seedS`` with its encoder knob too) for every seed S of ``seeds`` after the first;
 - ``finetune``: ``nnUNetv2_train ID 3d_fullres FOLD -tr SwinUNETR_<M>_Trainer`` per task, trainer and fold
   (``--c`` when a checkpoint exists; done when ``checkpoint_final.pth`` and ``validation/summary.json``
-  exist); nnU-Net validates at the end of training;
-- ``finetune`` of each baseline of the plan (``baselines``, e.g. stock ``nnUNetTrainer``) on the same folds;
+  exist); nnU-Net validates at the end of training. A many-shot fold runs once per seed: the first seed in the
+  model folder of ``-p PLANS``, every further seed S in its own, ``-p PLANS_seedS`` (nnU-Net keeps one
+  ``fold_F`` per folder); a few-shot fold runs with the seed that drew its cases;
+- ``finetune`` of each baseline of the plan (``baselines``, e.g. stock ``nnUNetTrainer``) on the same folds and
+  seed repeats (stock nnU-Net seeds nothing: its repeats are independent runs);
 - ``cka``: ``nnssl_cka FOLDER:FEWSHOT_FOLD FOLDER:BASE_FOLD -o ...`` (few- vs many-shot per trainer);
 - ``report``: ``nnssl_report IDS -o ...``, after every fine-tuning and CKA job, whatever their outcome.
 """
@@ -38,7 +43,7 @@ from nnssl.benchmark.results_state import DONE, NEW, RESUME, ResultsState
 from nnssl.benchmark.study import BaselineSpec, MethodSpec, Study, TaskSpec
 from nnssl.errors import NnsslError
 from nnssl.fewshot import NUM_MANY_SHOT_FOLDS, plan_fewshot_folds
-from nnssl.plans_variants import variant_identifier
+from nnssl.plans_variants import SEED_KNOB, seed_variant_name, variant_identifier
 
 MANY_SHOT = "all"  # the --shots value of nnU-Net's folds 0-4
 RANDOM_PROBE = "random"  # nnssl_probe's ENCODER for the randomly initialised encoder scratch starts from
@@ -235,32 +240,49 @@ def _task_jobs(study: Study, task: TaskSpec, selection: Selection, settings: Set
     existing, num_splits = state.fewshot(task.dataset)
     fold_of = predicted_fewshot_folds(study, task, shots, existing, num_splits or NUM_MANY_SHOT_FOLDS)
     fewshot_jobs = _fewshot_jobs(study, task, shots, existing, fold_of, plan_job)
-    runs = [(base, None, None) for base in selection.folds] if MANY_SHOT in selection.shots else []
+    # many-shot folds once per seed (seeds after the first in their own plans variant), few-shot folds with theirs
+    runs = [(base, None, seed) for base in selection.folds for seed in study.seeds] if MANY_SHOT in selection.shots \
+        else []
     runs += [(base, n, seed) for n in shots for base in selection.folds for seed in study.seeds]
-    variant_jobs, finetune_jobs, cka_jobs = [], [], []
+    variant_jobs: dict[str, Job] = {}  # one per plans variant of the task, shared by the trainers fine-tuned on it
+
+    def run_plans(source: str, imported: MethodSpec | None, seed: int) -> tuple[str, tuple[str, ...]]:
+        """The plans a run fine-tunes on and the ids of the jobs that make them (a variant's, if it is one)."""
+        name, knobs = _variant(study, imported, seed)
+        if name is None:
+            return source, ()
+        plans = variant_identifier(source, name)
+        variant_jobs.setdefault(plans, _variant_job(study, task, source, name, knobs, plans, plan_job, state))
+        return plans, (variant_jobs[plans].id,)
+
+    finetune_jobs, cka_jobs = [], []
     for name in selection.methods:
         method = study.methods[name]
-        plans = variant_identifier(study.plans_identifier, name) if method.encoder_file else study.plans_identifier
-        variant_job = _variant_job(study, task, method, plans, plan_job, state) if method.encoder_file else None
-        variant_jobs += [variant_job] if variant_job else []
-        deps = _ids(plan_job, *fewshot_jobs, pretrain_jobs.get(name), variant_job)
-        by_run = {(base, n, seed): _finetune_job(study, task, method.trainer, method.pretrains,
-                                                 base if n is None else fold_of[(base, n, seed)], deps, settings,
-                                                 state, study.seeds[0] if seed is None else seed, plans=plans)
-                  for base, n, seed in runs}
+        imported = method if method.encoder_file else None
+        by_run = {}
+        for base, n, seed in runs:
+            plans, variant_deps = run_plans(study.plans_identifier, imported, seed if n is None else study.seeds[0])
+            deps = _ids(plan_job, *fewshot_jobs, pretrain_jobs.get(name)) + variant_deps
+            by_run[(base, n, seed)] = _finetune_job(study, task, method.trainer, method.pretrains,
+                                                    base if n is None else fold_of[(base, n, seed)], deps, settings,
+                                                    state, seed, plans=plans)
         finetune_jobs += by_run.values()
+        first = study.seeds[0]
         for base, n, seed in by_run:
-            if n is not None and base in study.cka_base_folds and (base, None, None) in by_run:
+            if n is not None and base in study.cka_base_folds and (base, None, first) in by_run:
+                # the few-shot fold against the many-shot fold of its own model folder (the first seed's)
                 cka_jobs.append(_cka_job(study, task, method.trainer, n, base, seed, fold_of[(base, n, seed)],
-                                         (by_run[(base, n, seed)], by_run[(base, None, None)]), settings, state,
-                                         plans))
+                                         (by_run[(base, n, seed)], by_run[(base, None, first)]), settings, state,
+                                         run_plans(study.plans_identifier, imported, first)[0]))
     for name in selection.baselines:
         baseline = study.baselines[name]
-        finetune_jobs += [_finetune_job(study, task, baseline.trainer, False,
-                                        base if n is None else fold_of[(base, n, seed)], _ids(plan_job, *fewshot_jobs),
-                                        settings, state, study.seeds[0] if seed is None else seed, baseline)
-                          for base, n, seed in runs]
-    return fewshot_jobs + variant_jobs, finetune_jobs, cka_jobs
+        for base, n, seed in runs:
+            plans, variant_deps = run_plans(baseline.plans_identifier, None, seed if n is None else study.seeds[0])
+            finetune_jobs.append(_finetune_job(study, task, baseline.trainer, False,
+                                               base if n is None else fold_of[(base, n, seed)],
+                                               _ids(plan_job, *fewshot_jobs) + variant_deps, settings, state, seed,
+                                               baseline, plans))
+    return fewshot_jobs + list(variant_jobs.values()), finetune_jobs, cka_jobs
 
 
 def _ids(*jobs: Job | None) -> tuple[str, ...]:
@@ -326,11 +348,21 @@ def _corpus_job(study: Study, settings: Settings, state: ResultsState, plan: Stu
     return job
 
 
-def _variant_job(study: Study, task: TaskSpec, method: MethodSpec, plans: str, plan_job: Job,
-                 state: ResultsState) -> Job:
-    """The plans variant ``plans`` an imported encoder fine-tunes on: its own model folder, the task's data."""
-    command = ("nnssl_align_plans", "-d", str(task.dataset_id), "-pl", study.plans_identifier, "--variant",
-               method.name, "--knob", f"nnssl_encoder_file={method.encoder_file}")
+def _variant(study: Study, imported: MethodSpec | None, seed: int) -> tuple[str | None, dict[str, str]]:
+    """The plans variant (name, knobs) a run fine-tunes on, None for the plans themselves: an imported encoder's
+    (its file), and for a seed after the study's first a seed repeat of that (nnssl.plans_variants)."""
+    name = imported.name if imported else None
+    knobs = {"nnssl_encoder_file": str(imported.encoder_file)} if imported else {}
+    if seed != study.seeds[0]:  # the first seed keeps the run's own model folder
+        name, knobs = seed_variant_name(name, seed), {**knobs, SEED_KNOB: str(seed)}
+    return name, knobs
+
+
+def _variant_job(study: Study, task: TaskSpec, source: str, name: str, knobs: dict[str, str], plans: str,
+                 plan_job: Job, state: ResultsState) -> Job:
+    """The plans variant ``plans`` of ``source``: its own model folder, the task's preprocessed data."""
+    command = ("nnssl_align_plans", "-d", str(task.dataset_id), "-pl", source, "--variant", name,
+               *(arg for knob, value in knobs.items() for arg in ("--knob", f"{knob}={value}")))
     done = state.preprocessed(task.dataset, plans)
     return Job(f"plan/{task.dataset}/{plans}", "plan", command, DONE if done else NEW, deps=_ids(plan_job))
 
@@ -354,7 +386,7 @@ def _fewshot_jobs(study: Study, task: TaskSpec, shots: list[int], existing: dict
 def _finetune_job(study: Study, task: TaskSpec, trainer: str, pretrained: bool, fold: int, deps: tuple[str, ...],
                   settings: Settings, state: ResultsState, seed: int, baseline: BaselineSpec | None = None,
                   plans: str | None = None) -> Job:
-    plans = baseline.plans_identifier if baseline else (plans or study.plans_identifier)
+    plans = plans or (baseline.plans_identifier if baseline else study.plans_identifier)
     configuration = baseline.configuration if baseline else study.configuration
     run_state = state.finetune(task.dataset, trainer, fold, plans, configuration)
     command = ["nnUNetv2_train", str(task.dataset_id), configuration, str(fold), "-tr", trainer]
