@@ -33,12 +33,12 @@ Jobs, in the order they are listed (and started when their dependencies allow):
 """
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from nnssl.align_plans import CORPUS_PLANS
 from nnssl.benchmark.budget import Budget, method_budget
+from nnssl.benchmark.job import Job, Settings, device_flag, job_ids
+from nnssl.benchmark.probe_jobs import probe_jobs, probe_root
 from nnssl.benchmark.results_state import DONE, NEW, RESUME, ResultsState
 from nnssl.benchmark.study import BaselineSpec, MethodSpec, Study, TaskSpec
 from nnssl.errors import NnsslError
@@ -46,47 +46,7 @@ from nnssl.fewshot import NUM_MANY_SHOT_FOLDS, plan_fewshot_folds
 from nnssl.plans_variants import SEED_KNOB, seed_variant_name, variant_identifier
 
 MANY_SHOT = "all"  # the --shots value of nnU-Net's folds 0-4
-RANDOM_PROBE = "random"  # nnssl_probe's ENCODER for the randomly initialised encoder scratch starts from
 KINDS = ("prepare", "plan", "pretrain", "probe", "fewshot", "finetune", "cka", "report")
-
-
-@dataclass(frozen=True)
-class Job:
-    """One command of the study. ``deps`` must succeed first; ``after`` must only have finished."""
-
-    id: str
-    kind: str
-    command: tuple[str, ...]
-    state: str = NEW
-    deps: tuple[str, ...] = ()
-    after: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
-    gpu: bool = False
-    # fewshot jobs: (fold, base_fold, shots, seed) the fine-tuning commands rely on, checked after the job ran
-    expects: tuple[tuple[int, int, int, int], ...] = ()
-
-    def shell(self) -> str:
-        """The command as one shell line, environment assignments first."""
-        return " ".join([f"{k}={_quote(v)}" for k, v in self.env] + [_quote(c) for c in self.command])
-
-
-RESUME_FLAGS = {"pretrain": "--resume", "finetune": "--c"}  # both start afresh when there is nothing to continue
-
-
-def resumable(job: Job) -> Job:
-    """``job`` with its continue flag (``nnssl_pretrain --resume``, ``nnUNetv2_train --c``) whatever the disk
-    holds now: a job that is requeued after a time limit or preemption continues from its last checkpoint."""
-    flag = RESUME_FLAGS.get(job.kind)
-    if flag is None or flag in job.command:
-        return job
-    return replace(job, command=(*job.command, flag))
-
-
-def _quote(arg: str) -> str:
-    # "$nnUNet_results/..." (a dry run with the variable unset) stays expandable when pasted into a shell
-    if arg.startswith("$") and shlex.quote(arg[1:]) == arg[1:]:
-        return f'"{arg}"'
-    return shlex.quote(arg)
 
 
 @dataclass(frozen=True)
@@ -98,13 +58,6 @@ class Selection:
     shots: tuple[int | str, ...]
     folds: tuple[int, ...]
     baselines: tuple[str, ...] = ()  # reference nnU-Net trainers of the plan (its ``baselines``)
-
-
-@dataclass(frozen=True)
-class Settings:
-    output: Path  # logs, CKA results and the report go below it
-    device: str = "cuda"  # "cpu": every job runs on the CPU (tiny studies, tests)
-    corpus_dir: Path | None = None
 
 
 @dataclass
@@ -175,35 +128,30 @@ def plan_study(study: Study, selection: Selection, settings: Settings, state: Re
                      for m in selection.methods
                      if study.methods[m].encoder_file and not state.file_exists(study.methods[m].encoder_file)]
     plan.jobs += [*plan_jobs.values(), *pretrain_jobs.values()]
-    probe_jobs = _probe_jobs(study, selection, settings, state, plan_jobs, pretrain_jobs, corpus_job, plan)
+    probes = _probe_jobs(study, selection, settings, state, plan_jobs, pretrain_jobs, corpus_job, plan)
     finetune_jobs: list[Job] = []
     cka_jobs: list[Job] = []
     for key in selection.tasks:
         fewshot, finetune, cka = _task_jobs(study, study.tasks[key], selection, settings, state, plan_jobs[key],
                                             pretrain_jobs)
         plan.jobs += fewshot
-        finetune_jobs += [replace(job, after=_ids(*probe_jobs)) if probe_jobs else job for job in finetune]
+        finetune_jobs += [replace(job, after=job_ids(*probes)) if probes else job for job in finetune]
         cka_jobs += cka
     # the report reads the plan's baselines and NSD tolerances, and the CKA results of the cka jobs
     custom_plan = ("--plan", str(study.source)) if study.source.is_absolute() else ()
     report = ("nnssl_report", *(str(study.tasks[k].dataset_id) for k in selection.tasks), *custom_plan,
               "--cka", str(settings.output / "cka"), "-o", str(settings.output / "report"),
-              *(("--probe", str(probe_root(settings))) if probe_jobs else ()))
+              *(("--probe", str(probe_root(settings))) if probes else ()))
     plan.jobs += [*finetune_jobs, *cka_jobs,
-                  Job("report", "report", report, NEW, after=_ids(*finetune_jobs, *cka_jobs, *probe_jobs))]
+                  Job("report", "report", report, NEW, after=job_ids(*finetune_jobs, *cka_jobs, *probes))]
     return plan
-
-
-def probe_root(settings: Settings) -> Path:
-    """Where the study's probe jobs write: ``<output>/probe/<dataset>/<method or random>/probe.json``."""
-    return settings.output / "probe"
 
 
 def _probe_jobs(study: Study, selection: Selection, settings: Settings, state: ResultsState,
                 plan_jobs: dict[str, Job], pretrain_jobs: dict[str, Job], corpus_job: Job | None,
                 plan: StudyPlan) -> list[Job]:
-    """``nnssl_probe`` of each selected method's study encoder on the probe task, after one probe of ``random``
-    (scratch's starting point) whose result every method's probe.json takes as its baseline (``--random-from``)."""
+    """The probe jobs (:mod:`nnssl.benchmark.probe_jobs`) on the plan's probe task, if it names one, appended to
+    ``plan`` with the task's planning job when the task is not among the selected ones."""
     if study.probe_task is None or not selection.methods:
         return []
     task = study.tasks[study.probe_task]
@@ -212,23 +160,7 @@ def _probe_jobs(study: Study, selection: Selection, settings: Settings, state: R
         plan_job = (_align_job(study, task, state, corpus_job) if study.aligned
                     else _plan_job(study, task.dataset_id, task.dataset, state))
         plan.jobs.append(plan_job)
-    options = [*_device_flag(settings), *study.probe_args]
-    options += ["-p", study.plans_identifier] if study.plans_identifier != CORPUS_PLANS else []  # fine-tuning's
-    random_out = probe_root(settings) / task.dataset / RANDOM_PROBE
-    jobs = [Job(f"probe/{task.dataset}/{RANDOM_PROBE}", "probe",
-                ("nnssl_probe", RANDOM_PROBE, "-d", str(task.dataset_id), "-o", str(random_out), *options,
-                 "--backbone", study.backbone),
-                DONE if state.file_exists(random_out / "probe.json") else NEW, deps=_ids(plan_job), gpu=True)]
-    for method in (study.methods[m] for m in selection.methods if study.methods[m].pretrained):
-        out = probe_root(settings) / task.dataset / method.name
-        encoder = str(method.encoder_file) if method.encoder_file else method.name
-        command = ("nnssl_probe", encoder, "-d", str(task.dataset_id), "-o", str(out), *options,
-                   "--random-from", str(random_out / "probe.json"))
-        jobs.append(Job(f"probe/{task.dataset}/{method.name}", "probe", command,
-                        DONE if state.file_exists(out / "probe.json") else NEW,
-                        deps=_ids(plan_job, pretrain_jobs.get(method.name), jobs[0]),
-                        env=(("nnssl_run", study.corpus_run),) if method.pretrains else (),  # the study's run
-                        gpu=True))
+    jobs = probe_jobs(study, task, selection.methods, settings, state, plan_job, pretrain_jobs)
     plan.jobs += jobs
     return jobs
 
@@ -262,7 +194,7 @@ def _task_jobs(study: Study, task: TaskSpec, selection: Selection, settings: Set
         by_run = {}
         for base, n, seed in runs:
             plans, variant_deps = run_plans(study.plans_identifier, imported, seed if n is None else study.seeds[0])
-            deps = _ids(plan_job, *fewshot_jobs, pretrain_jobs.get(name)) + variant_deps
+            deps = job_ids(plan_job, *fewshot_jobs, pretrain_jobs.get(name)) + variant_deps
             by_run[(base, n, seed)] = _finetune_job(study, task, method.trainer, method.pretrains,
                                                     base if n is None else fold_of[(base, n, seed)], deps, settings,
                                                     state, seed, plans=plans)
@@ -280,18 +212,9 @@ def _task_jobs(study: Study, task: TaskSpec, selection: Selection, settings: Set
             plans, variant_deps = run_plans(baseline.plans_identifier, None, seed if n is None else study.seeds[0])
             finetune_jobs.append(_finetune_job(study, task, baseline.trainer, False,
                                                base if n is None else fold_of[(base, n, seed)],
-                                               _ids(plan_job, *fewshot_jobs) + variant_deps, settings, state, seed,
+                                               job_ids(plan_job, *fewshot_jobs) + variant_deps, settings, state, seed,
                                                baseline, plans))
     return fewshot_jobs + list(variant_jobs.values()), finetune_jobs, cka_jobs
-
-
-def _ids(*jobs: Job | None) -> tuple[str, ...]:
-    return tuple(job.id for job in jobs if job is not None)
-
-
-def _device_flag(settings: Settings) -> tuple[str, ...]:
-    """nnU-Net's (and nnssl_cka's) way to ask for the CPU; nnssl_pretrain spells it --device."""
-    return ("-device", "cpu") if settings.device == "cpu" else ()
 
 
 def _processes(study: Study, *flags: str) -> tuple[str, ...]:
@@ -315,7 +238,7 @@ def _align_job(study: Study, task: TaskSpec, state: ResultsState, corpus_job: Jo
                "-pl", study.plans_identifier, *(("--study", str(study.source)) if study.source.is_absolute() else ()),
                *_processes(study, "-np"))
     return Job(f"plan/{task.dataset}", "plan", command, DONE if state.preprocessed(task.dataset) else NEW,
-               deps=_ids(corpus_job))
+               deps=job_ids(corpus_job))
 
 
 def _pretrain_job(study: Study, method: str, budget: Budget, settings: Settings, state: ResultsState,
@@ -326,7 +249,7 @@ def _pretrain_job(study: Study, method: str, budget: Budget, settings: Settings,
                "--run", study.corpus_run, *budget_args, *study.pretrain_args]
     command += ["--device", "cpu"] if settings.device == "cpu" else []
     command += ["--resume"] if run_state == RESUME else []
-    return Job(f"pretrain/{method}", "pretrain", tuple(command), run_state, deps=_ids(corpus_job), gpu=True)
+    return Job(f"pretrain/{method}", "pretrain", tuple(command), run_state, deps=job_ids(corpus_job), gpu=True)
 
 
 def _corpus_job(study: Study, settings: Settings, state: ResultsState, plan: StudyPlan) -> Job | None:
@@ -364,7 +287,7 @@ def _variant_job(study: Study, task: TaskSpec, source: str, name: str, knobs: di
     command = ("nnssl_align_plans", "-d", str(task.dataset_id), "-pl", source, "--variant", name,
                *(arg for knob, value in knobs.items() for arg in ("--knob", f"{knob}={value}")))
     done = state.preprocessed(task.dataset, plans)
-    return Job(f"plan/{task.dataset}/{plans}", "plan", command, DONE if done else NEW, deps=_ids(plan_job))
+    return Job(f"plan/{task.dataset}/{plans}", "plan", command, DONE if done else NEW, deps=job_ids(plan_job))
 
 
 def _fewshot_jobs(study: Study, task: TaskSpec, shots: list[int], existing: dict[str, dict],
@@ -379,7 +302,7 @@ def _fewshot_jobs(study: Study, task: TaskSpec, shots: list[int], existing: dict
         command = ("nnssl_fewshot", str(task.dataset_id), "--shots", *map(str, shots),
                    "--folds", *map(str, study.folds), "--seed", str(seed))
         jobs.append(Job(f"fewshot/{task.dataset}/seed{seed}", "fewshot", command, state,
-                        deps=_ids(plan_job, *jobs[-1:]), expects=tuple(wanted)))
+                        deps=job_ids(plan_job, *jobs[-1:]), expects=tuple(wanted)))
     return jobs
 
 
@@ -391,7 +314,7 @@ def _finetune_job(study: Study, task: TaskSpec, trainer: str, pretrained: bool, 
     run_state = state.finetune(task.dataset, trainer, fold, plans, configuration)
     command = ["nnUNetv2_train", str(task.dataset_id), configuration, str(fold), "-tr", trainer]
     command += ["-p", plans] if plans != CORPUS_PLANS else []
-    command += [*_device_flag(settings), *(["--c"] if run_state == RESUME else [])]
+    command += [*device_flag(settings), *(["--c"] if run_state == RESUME else [])]
     # a baseline is no SwinUNETR: of nnssl's knobs it reads at most the schedule's (nnUNetTrainer_nnsslSchedule)
     swin_knobs = {} if baseline else {"nnssl_backbone": study.backbone, "nnssl_seed": str(seed)}
     env = {**swin_knobs, **study.finetune_env, **(baseline.finetune_env if baseline else {})}
@@ -408,8 +331,8 @@ def _cka_job(study: Study, task: TaskSpec, trainer: str, shots: int, base: int, 
     model = state.model_folder(task.dataset, trainer, plans)
     trainer = trainer if plans == study.plans_identifier else f"{trainer}__{plans}"  # one folder per variant
     out = settings.output / "cka" / task.dataset / trainer / f"{shots}shot_fold{base}_seed{seed}"
-    command = ("nnssl_cka", f"{model}:{fold}", f"{model}:{base}", *_device_flag(settings), *study.cka_args,
+    command = ("nnssl_cka", f"{model}:{fold}", f"{model}:{base}", *device_flag(settings), *study.cka_args,
                "-o", str(out))
     done = state.file_exists(out / "cka.json")
     return Job(f"cka/{task.dataset}/{trainer}/{shots}shot_fold{base}_seed{seed}", "cka", command,
-               DONE if done else NEW, deps=_ids(*pair), gpu=True)
+               DONE if done else NEW, deps=job_ids(*pair), gpu=True)

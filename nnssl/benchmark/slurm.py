@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from nnssl.benchmark.cluster import ClusterSettings, sbatch_options, to_dict
 from nnssl.benchmark.executor import ALREADY_DONE, FAILED, INTERRUPTED, OK, SKIPPED, JobResult, log_path
-from nnssl.benchmark.jobs import DONE, Job, StudyPlan, resumable
+from nnssl.benchmark.job import Job, resumable
+from nnssl.benchmark.jobs import DONE, StudyPlan
 from nnssl.benchmark.slurm_job import SlurmCommand, outcome_path
 from nnssl.errors import NnsslError
 from nnssl.io import load_json, save_json

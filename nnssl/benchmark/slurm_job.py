@@ -11,7 +11,7 @@ preemption) to the job; submitit calls :meth:`SlurmCommand.checkpoint` on task 0
 its child (``nnssl_pretrain`` saves a checkpoint at the end of the step, the other ranks agree to stop at
 the same step; ``nnUNetv2_train`` stops and keeps its last ``checkpoint_latest.pth``) and waits for it, and
 submitit requeues the job. The child never sees submitit's signal itself (it is ignored in the child), and
-every command runs with its continue flag (:func:`nnssl.benchmark.jobs.resumable`), so the requeued job goes
+every command runs with its continue flag (:func:`nnssl.benchmark.job.resumable`), so the requeued job goes
 on from the last checkpoint.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from nnssl.benchmark.allocation import slurm_share
 from nnssl.benchmark.executor import job_environment, log_header, log_path
-from nnssl.benchmark.jobs import Job, resumable
+from nnssl.benchmark.job import Job, resumable
 from nnssl.io import save_json
 
 log = logging.getLogger(__name__)
