@@ -28,6 +28,9 @@ from nnssl.errors import NnsslError
 from nnssl.io import load_json, locked, save_json
 
 VARIANT_KEY = "nnssl_variant"
+# the trainers' section inside a configuration of the plans.json they save into the model folder (settings,
+# provenance per fold); here, not in nnssl_trainers, so that the analysis reads it without importing torch
+PLANS_KEY = "nnssl"
 SEED_KNOB = "nnssl_seed"
 _NAME = re.compile(r"^[A-Za-z0-9]+([_-][A-Za-z0-9]+)*$")  # never "__": nnU-Net's folder-name separator
 

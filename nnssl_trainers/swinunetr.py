@@ -59,7 +59,7 @@ from nnssl.methods.registry import trainer_names
 from nnssl.networks import BackbonePreset, build_swinunetr, get_preset
 from nnssl.networks.swinunetr import swin_patch_size
 from nnssl.paths import nnunet_results
-from nnssl.plans_variants import apply_variant_knobs
+from nnssl.plans_variants import PLANS_KEY, apply_variant_knobs
 from nnssl.provenance import provenance
 from nnssl.random_state import seed_everything
 from nnssl.schedules import EpochWarmupCosineLR
@@ -71,7 +71,6 @@ from nnssl_trainers.pretrained_encoder import PretrainedEncoder
 from nnssl_trainers.seeding import DEFAULT_SEED, env_seed, ordered_augmenters
 from nnssl_trainers.shared_files import safe_shared_json
 
-PLANS_KEY = "nnssl"  # our section inside the configuration of the plans the trainer saves
 DEFAULT_BACKBONE = "paper"
 
 

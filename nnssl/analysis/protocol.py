@@ -10,7 +10,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from nnssl.analysis.results import PLANS_KEY
+from nnssl.plans_variants import PLANS_KEY
 from nnssl.io import load_json
 from nnssl.paths import nnunet_results
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from nnssl.analysis.results import PLANS_KEY
+from nnssl.plans_variants import PLANS_KEY
 from nnssl.io import load_json
 from nnssl.provenance import VERSION_KEYS, version_differences
 

@@ -13,13 +13,12 @@ from pathlib import Path
 from nnssl.errors import NnsslError
 from nnssl.fewshot import FEWSHOT_FILENAME, NUM_MANY_SHOT_FOLDS
 from nnssl.io import load_json
-from nnssl.plans_variants import repeated_identifier, seed_repeat, seed_variant_name, variant_record
+from nnssl.plans_variants import PLANS_KEY, repeated_identifier, seed_repeat, seed_variant_name, variant_record
 
 SCRATCH = "scratch"  # method name of a SwinUNETR trained from random initialisation
 UNKNOWN = "unknown"
 IMPORTED_FAMILY = "imported"  # encoders the study did not pretrain (plans variants of SwinUNETR_Imported_Trainer)
 MANY_SHOT = "many-shot"
-PLANS_KEY = "nnssl"  # the trainers' section in a configuration of the saved plans.json
 
 
 @dataclass(frozen=True)
