@@ -19,6 +19,7 @@ from nnssl.analysis.nsd import DEFAULT_TOLERANCE_MM, NsdMissing, class_tolerance
 from nnssl.analysis.references import BASELINE
 from nnssl.analysis.results import SCRATCH
 from nnssl.analysis.stats import ALPHA, MIN_PAIRS, TOO_FEW, comparison_table, significance_marks
+from nnssl.analysis.summary_tables import group_runs
 from nnssl.analysis.tables import markdown_table
 from nnssl.io import load_json
 from nnssl.paths import nnunet_results
@@ -93,7 +94,7 @@ def collect_nsd(runs: Sequence[Any], tolerance_settings: Mapping[str, Any]
                                              f"files of {fold_dir / 'validation'}, or re-create them with: {retry}"))
     missing += [_missing_row(r, f"{r.status}: {r.detail}") for r in runs if not r.case_dice and r.status != "missing"]
     per_class = []
-    for (task, method, shot), group in _group(validated, lambda r: (r.task, r.method, r.shot)).items():
+    for (task, method, shot), group in group_runs(validated, "task", "method", "shot").items():
         by_label: dict[int, list[float]] = {}
         for run in group:
             for values in nsd.get(_key(run), {}).values():
@@ -111,7 +112,7 @@ def _missing_row(run: Any, reason: str) -> dict[str, Any]:
 
 
 def _add_nsd_columns(dice_rows: list[dict], runs: Sequence[Any], nsd: Mapping[tuple, dict]) -> None:
-    groups = _group(runs, lambda r: (r.task, r.method, r.shot))
+    groups = group_runs(runs, "task", "method", "shot")
     for row in dice_rows:
         cases = [_mean(v.values()) for r in groups.get((row["task"], row["method"], row["shot"]), [])
                  for v in nsd.get(_key(r), {}).values()]
@@ -138,13 +139,6 @@ def _merge_folds(runs: Sequence[Any], per_case: Callable[[Any], dict[str, float]
 def _mean(values: Any) -> float:
     defined = [v for v in values if not math.isnan(v)]
     return float(np.mean(defined)) if defined else math.nan
-
-
-def _group(items: Sequence[Any], key: Callable[[Any], tuple]) -> dict[tuple, list[Any]]:
-    groups: dict[tuple, list[Any]] = {}
-    for item in items:
-        groups.setdefault(key(item), []).append(item)
-    return groups
 
 
 def _nsd_markdown(dice_rows: list[dict], missing: list[dict], tolerance_settings: Mapping[str, Any],
