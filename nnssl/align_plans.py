@@ -13,7 +13,8 @@ dataset and preprocesses the latter with them, so that both are resampled and no
    keep the task's own scheme: z-score is the modality gap the study measures;
 3. the patch size is planned again by nnU-Net's ``ExperimentPlanner`` for the task's median shape at that
    spacing, within its GPU memory target, then set to multiples of 32 (SwinUNETR) with no more voxels than
-   nnU-Net planned;
+   nnU-Net planned, except that one side is at least 64 (SwinUNETR's deepest feature map, the patch / 32, needs
+   more than one voxel: :mod:`nnssl.swin_bottleneck`);
 4. nnU-Net preprocesses ``3d_fullres`` with the new plans (``nnUNetv2_preprocess -p nnsslPlans``).
 
 The plans file records all of this under ``"nnssl_alignment"``. Train with ``nnUNetv2_train ... -p nnsslPlans``.
@@ -30,8 +31,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from nnssl.errors import NnsslError
-from nnssl.io import load_json, locked, save_json
+from nnssl.io import atomic_path, load_json, locked, save_json
 from nnssl.paths import dataset_folder, nnunet_planner_environment, nnunet_preprocessed, nnunet_raw
+from nnssl.swin_bottleneck import widen_single_voxel_bottleneck
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +99,10 @@ def _align_one(dataset_id: int, dataset: str, corpus: str, corpus_plans: dict, i
         plans = load_json(plans_file)
         record = _retarget(plans, dataset_id, corpus, corpus_plans, override)
         save_json(plans, plans_file)
-    # as nnU-Net's ExperimentPlanner.save_plans: preprocessing and training read dataset.json from here
-    shutil.copy(nnunet_raw() / dataset / "dataset.json", folder / "dataset.json")
+    # as nnU-Net's ExperimentPlanner.save_plans: preprocessing and training read dataset.json from here (atomic:
+    # a copy cut off by a kill would leave a dataset.json that nnU-Net fails to read)
+    with atomic_path(folder / "dataset.json") as copy:
+        shutil.copyfile(nnunet_raw() / dataset / "dataset.json", copy)
     if preprocess:
         nnunet_preprocess([dataset_id], plans_identifier=identifier, configurations=(CONFIGURATION,),
                           num_processes=(num_processes,))
@@ -161,7 +165,8 @@ def _retarget(plans: dict, dataset_id: int, corpus: str, corpus_plans: dict, ove
         "nnunet_patch_size": [int(s) for s in unet_plan["patch_size"]],
         "patch_size": patch,
         "patch_rule": f"nnU-Net's ExperimentPlanner at the aligned spacing (its {planner.UNet_vram_target_GB:g} GB "
-                      f"target), sides set to multiples of {SWIN_DIVISOR} with no more voxels",
+                      f"target), sides set to multiples of {SWIN_DIVISOR} with no more voxels, one side at least "
+                      f"{2 * SWIN_DIVISOR}",
     }
     plans[ALIGNMENT_KEY] = record
     return record
@@ -170,7 +175,8 @@ def _retarget(plans: dict, dataset_id: int, corpus: str, corpus_plans: dict, ove
 def swin_patch_within(planned: Sequence[int], median_shape: Sequence[float], divisor: int = SWIN_DIVISOR) -> list[int]:
     """Sides in multiples of ``divisor``, each the nearest to nnU-Net's (not beyond the median shape rounded up),
     then shrunk by ``divisor`` on the side largest relative to the median shape (nnU-Net's own rule) until the
-    patch has no more voxels than ``planned``."""
+    patch has no more voxels than ``planned``. A patch of ``divisor`` on every side gets the side where the median
+    shape is largest doubled, beyond ``planned`` if need be: SwinUNETR cannot train on a 1x1x1 bottleneck."""
     budget = math.prod(int(s) for s in planned)
     patch = []
     for side, median in zip(planned, median_shape):
@@ -180,13 +186,17 @@ def swin_patch_within(planned: Sequence[int], median_shape: Sequence[float], div
         shrinkable = [i for i, side in enumerate(patch) if side > divisor]
         axis = max(shrinkable, key=lambda i: patch[i] / median_shape[i])
         patch[axis] -= divisor
-    return patch
+    return widen_single_voxel_bottleneck(patch, median_shape, divisor)
 
 
 def _describe(record: dict) -> str:
     schemes = ", ".join(f"channel {c}: {v['scheme']} from the {v['from']}" for c, v in record["normalization"].items())
+    enlarged = ""
+    if math.prod(record["patch_size"]) > math.prod(record["nnunet_patch_size"]):
+        enlarged = (f"; enlarged beyond nnU-Net's voxels: SwinUNETR needs sides in multiples of {SWIN_DIVISOR} "
+                    f"and one of at least {2 * SWIN_DIVISOR}")
     return (f"spacing {record['spacing']} (from the {record['spacing_from']}), {schemes}, patch "
-            f"{record['patch_size']} (nnU-Net planned {record['nnunet_patch_size']})")
+            f"{record['patch_size']} (nnU-Net planned {record['nnunet_patch_size']}{enlarged})")
 
 
 def describe(task: AlignedTask) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from nnssl import io
 from nnssl.align_plans import swin_patch_within
 from nnssl.checkpoints import save_encoder
 from nnssl.data.loader import load_corpus
-from nnssl.networks import SwinEncoder, get_preset
+from nnssl.networks import SwinEncoder, build_swinunetr, get_preset
 
 TRAINER = "SwinUNETR_BYOL_Trainer"  # no other test fine-tunes BYOL on the session task
 RUN = "aligned_test"
@@ -33,6 +34,28 @@ def test_swin_patch_keeps_nnunets_voxel_budget():
     assert swin_patch_within([128, 128, 128], [300, 300, 300]) == [128, 128, 128]
     patch = swin_patch_within([80, 160, 112], [90, 200, 150])
     assert all(s % 32 == 0 for s in patch) and math.prod(patch) <= 80 * 160 * 112
+
+
+@pytest.mark.parametrize("planned, median, widened", [
+    ([24, 28, 30], [20, 25, 31], [32, 32, 64]),  # a task no larger than 32 on any side
+    ([40, 40, 40], [60, 70, 50], [32, 64, 32]),  # nnU-Net's budget rounds to one 32^3 patch
+])
+def test_swin_patch_keeps_a_bottleneck_of_more_than_one_voxel(planned, median, widened):
+    assert swin_patch_within(planned, median) == widened  # the side where the median shape is largest
+
+
+def test_tiny_swinunetr_trains_a_step_on_the_smallest_planned_patch():
+    torch.manual_seed(0)
+    net = build_swinunetr(get_preset("tiny"), in_channels=1, out_channels=2).train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    with pytest.raises(ValueError, match="more than 1 spatial element"):  # what the widening avoids
+        net(torch.randn(2, 1, 32, 32, 32))
+    patch = swin_patch_within([24, 28, 30], [20, 25, 31])
+    image, target = torch.randn(2, 1, *patch), torch.randint(0, 2, (2, *patch))
+    loss = torch.nn.functional.cross_entropy(net(image), target)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
 
 
 # exits 3 when another process holds the nnssl.io lock of the file argv[1] names
@@ -57,6 +80,33 @@ def test_aligning_writes_the_plans_under_their_lock(ct_task, pretrain_corpus, mo
     finally:
         plans_file.unlink(missing_ok=True)
     assert lock_held == [True]
+
+
+class Killed(BaseException):
+    """What a SIGKILL halfway through the copy amounts to, for the files on disk."""
+
+
+def test_a_copy_of_dataset_json_cut_off_by_a_kill_leaves_the_old_one(ct_task, pretrain_corpus, monkeypatch):
+    identifier = "nnsslKillTest"  # its own plans file: the other tests' aligned plans stay as they are
+    target = ct_task.preprocessed / "dataset.json"
+    before = target.read_bytes()
+
+    copyfile = shutil.copyfile
+
+    def copy_killed_halfway(source, destination, **options):
+        if Path(source).name != "dataset.json":  # nnU-Net's own copies go through
+            return copyfile(source, destination, **options)
+        Path(destination).write_bytes(Path(source).read_bytes()[:len(before) // 2])
+        raise Killed
+
+    monkeypatch.setattr(shutil, "copyfile", copy_killed_halfway)
+    try:
+        with pytest.raises(Killed):
+            align_module.align_plans([ct_task.dataset_id], CORPUS_ID, identifier, preprocess=False)
+    finally:
+        (ct_task.preprocessed / f"{identifier}.json").unlink(missing_ok=True)
+    assert target.read_bytes() == before
+    assert not list(ct_task.preprocessed.glob(".dataset.json.*"))  # no temporary file left behind
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from nnssl.errors import NnsslError
 from nnssl.networks.fast_swin import FastSwinUNETR
 from nnssl.networks.presets import BackbonePreset
 from nnssl.networks.swin import build_encoder
+from nnssl.swin_bottleneck import widen_single_voxel_bottleneck
 
 
 def build_swinunetr(preset: BackbonePreset, in_channels: int, out_channels: int,
@@ -61,6 +62,4 @@ def swin_patch_size(planned: list[int] | tuple[int, ...], divisor: int = 32) -> 
         return lower + divisor if side - lower > divisor / 2 else lower
 
     fixed = [max(divisor, nearest(int(side))) for side in planned]
-    if all(side == divisor for side in fixed):
-        fixed[int(max(range(3), key=lambda i: planned[i]))] = 2 * divisor
-    return fixed
+    return widen_single_voxel_bottleneck(fixed, planned, divisor)
