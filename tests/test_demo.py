@@ -25,25 +25,25 @@ def test_dry_run_lists_the_miniature_study_in_the_demo_folder(tmp_path):
     counts = {kind: sum(kind in line for line in jobs) for kind in
               ("nnssl_prepare_corpus", "nnssl_align_plans", "nnssl_pretrain", "nnssl_fewshot",
                "nnUNetv2_train", "nnssl_cka", "nnssl_report")}
-    # 2 tasks x (2 SwinUNETR trainers + the nnU-Net baseline) x (2-shot fold 5, many-shot fold 0); CKA per task x
-    # SwinUNETR trainer
+    # (2 SwinUNETR trainers + the nnU-Net baseline) x (CT: 2-shot fold 5 and many-shot fold 0; MRI: many-shot
+    # fold 0); CKA few- vs many-shot per SwinUNETR trainer on the CT task
     assert counts == {"nnssl_prepare_corpus": 1, "nnssl_align_plans": 2, "nnssl_pretrain": 1,
-                      "nnssl_fewshot": 2, "nnUNetv2_train": 12, "nnssl_cka": 4, "nnssl_report": 1}
+                      "nnssl_fewshot": 1, "nnUNetv2_train": 9, "nnssl_cka": 2, "nnssl_report": 1}
     assert len(jobs) == sum(counts.values())
     assert {line.split(" -m ")[1].split()[0] for line in jobs if "nnssl_pretrain" in line} == {"smit"}
     trainings = [line for line in jobs if "nnUNetv2_train" in line]
     assert all(" -device cpu" in line and "nnUNet_n_proc_DA=0" in line for line in trainings)
     swin = [line for line in trainings if "-tr SwinUNETR_" in line]
-    assert len(swin) == 8 and all("nnssl_backbone=tiny" in line and "nnssl_num_epochs=12" in line for line in swin)
+    assert len(swin) == 6 and all("nnssl_backbone=tiny" in line and "nnssl_num_epochs=25" in line for line in swin)
     baseline = [line for line in trainings if "-tr nnUNetTrainer_nnsslSchedule" in line]
-    assert len(baseline) == 4 and all("nnssl_num_epochs=6" in line and "nnssl_backbone" not in line
+    assert len(baseline) == 3 and all("nnssl_num_epochs=5" in line and "nnssl_backbone" not in line
                                       for line in baseline)  # the CNN's own, shorter schedule
     assert sum(" 601 3d_fullres 5 " in line for line in jobs) == 3  # the 2-shot fold follows nnU-Net's five
     # the aligned study: the corpus's plans on both tasks (the baseline too), one pretraining budget for every method
     assert all(line.endswith("-p nnsslPlans -device cpu") for line in trainings)
     assert text.count("20 optimizer steps x 4 volumes = 80 volumes seen") == 1
     assert f"nnssl_prepare_corpus -i {out / 'corpus_raw'} -d 501" in text
-    assert f"{out / 'nnUNet_results'}/Dataset602_SynthMRI/SwinUNETR_SMIT_Trainer" in text  # not the user's folder
+    assert f"{out / 'nnUNet_results'}/Dataset601_SynthCT/SwinUNETR_SMIT_Trainer" in text  # not the user's folder
     assert "/users/real/results" not in text and "missing inputs" not in text
     assert json.loads((out / "plan.json").read_text()) == demo_plan()
     assert not (out / "nnUNet_raw").exists()  # a dry run makes no data
