@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from nnssl.errors import NnsslError
+from nnssl.plans_variants import SEED_KNOB
 from nnssl.random_state import seed_everything
 
-SEED_ENV = "nnssl_seed"
+SEED_ENV = SEED_KNOB  # the knob a plans variant may set, read from the environment
 DEFAULT_SEED = 0
 _STREAMS = {"train": 1, "val": 2}  # separate seed streams for the two augmenters nnU-Net builds
 

@@ -8,6 +8,7 @@ pretrained encoder it started from).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from nnssl.errors import NnsslError
@@ -42,11 +43,11 @@ class ModelFolder:
 
     def nnssl_settings(self) -> dict | None:
         """The trainers' ``nnssl`` section of the saved plans, or None (not an nnssl SwinUNETR folder)."""
-        return self._plans().get("configurations", {}).get(self.configuration, {}).get(PLANS_KEY)
+        return self._plans.get("configurations", {}).get(self.configuration, {}).get(PLANS_KEY)
 
     def variant(self) -> dict | None:
         """The ``nnssl_variant`` record when the folder was trained on a plans variant (nnssl.plans_variants)."""
-        return variant_record(self._plans())
+        return variant_record(self._plans)
 
     @property
     def method_variant(self) -> str | None:
@@ -75,7 +76,9 @@ class ModelFolder:
         variant = self.variant()
         return variant["of"] if variant else self.plans
 
+    @cached_property
     def _plans(self) -> dict:
+        # read once: the settings, the variant and the seed repeat all come from it (folders of finished runs)
         plans_file = self.path / "plans.json"
         return load_json(plans_file) if plans_file.is_file() else {}
 

@@ -316,7 +316,7 @@ def _finetune_job(study: Study, task: TaskSpec, trainer: str, pretrained: bool, 
     command += ["-p", plans] if plans != CORPUS_PLANS else []
     command += [*device_flag(settings), *(["--c"] if run_state == RESUME else [])]
     # a baseline is no SwinUNETR: of nnssl's knobs it reads at most the schedule's (nnUNetTrainer_nnsslSchedule)
-    swin_knobs = {} if baseline else {"nnssl_backbone": study.backbone, "nnssl_seed": str(seed)}
+    swin_knobs = {} if baseline else {"nnssl_backbone": study.backbone, SEED_KNOB: str(seed)}
     env = {**swin_knobs, **study.finetune_env, **(baseline.finetune_env if baseline else {})}
     if pretrained:
         env["nnssl_run"] = study.corpus_run  # the study's pretraining run, not whichever is newest
