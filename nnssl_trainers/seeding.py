@@ -5,6 +5,9 @@ finish them. A seeded run therefore needs three things: Python, NumPy and torch 
 the network is built; every data-augmentation worker seeded with its own seed (NumPy by batchgenerators,
 torch and Python here: batchgeneratorsv2's transforms draw from torch); and batchgenerators'
 ``MultiThreadedAugmenter``, which returns the batches of its workers in a fixed round-robin order.
+nnU-Net's training transforms also time themselves: its ``GaussianBlurTransform(benchmark=True)`` times an FFT
+and a direct convolution on the first image of each shape and keeps the faster, and the two blur the same image
+to slightly different numbers, so a busy CPU changed the batches; seeded runs blur by convolution only.
 On a GPU, cuDNN's autotuned kernels (nnU-Net sets ``cudnn.benchmark``) may still make runs differ slightly.
 """
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
 
 from nnssl.errors import NnsslError
 from nnssl.plans_variants import SEED_KNOB
@@ -39,6 +44,17 @@ def env_seed() -> int | None:
 def worker_seeds(seed: int, stream: str, count: int) -> list[int]:
     """``count`` independent seeds for the workers of one augmenter (``train`` or ``val``)."""
     return [int(s) for s in np.random.SeedSequence([seed, _STREAMS[stream]]).generate_state(count)]
+
+
+def without_timed_choices(transform: Any) -> Any:
+    """``transform`` (nested in nnU-Net's compose and random wrappers) with every blur's timing benchmark off."""
+    if isinstance(transform, GaussianBlurTransform):
+        transform.benchmark = False
+    for value in vars(transform).values():
+        for inner in value if isinstance(value, list) else [value]:
+            if isinstance(inner, BasicTransform):
+                without_timed_choices(inner)
+    return transform
 
 
 def _seeding_loader(data_loader: Any, seeds: list[int]) -> Any:

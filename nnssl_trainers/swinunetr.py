@@ -68,7 +68,7 @@ from nnssl_trainers.knobs import PROG, check_environment, env_flag, env_positive
 from nnssl_trainers.nnunet_checkpoints import NnunetCheckpoints
 from nnssl_trainers.preemption import SaveOnSignal
 from nnssl_trainers.pretrained_encoder import PretrainedEncoder
-from nnssl_trainers.seeding import DEFAULT_SEED, env_seed, ordered_augmenters
+from nnssl_trainers.seeding import DEFAULT_SEED, env_seed, ordered_augmenters, without_timed_choices
 from nnssl_trainers.shared_files import safe_shared_json
 
 DEFAULT_BACKBONE = "paper"
@@ -277,6 +277,11 @@ class SwinUNETR_Scratch_Trainer(SaveOnSignal, NnunetCheckpoints, PretrainedEncod
                                f"data-augmentation workers")
         with ordered_augmenters(self.seed):
             return super().get_dataloaders()
+
+    @staticmethod
+    def get_training_transforms(*args, **kwargs):
+        """nnU-Net's training transforms, without the blur that picks its method by timing (nnssl_trainers.seeding)."""
+        return without_timed_choices(nnUNetTrainer.get_training_transforms(*args, **kwargs))
 
     # -- optimisation ---------------------------------------------------------------------------------
     def configure_optimizers(self):
