@@ -4,6 +4,7 @@ Three tasks (two CT, one MRI), three methods (scratch, simmim = MIM, dino = self
 from a dummy registry), many-shot folds 0-1 and a 1-shot fold 5 from fewshot.json. Per-case Dice is the
 mean over the labels whose Dice is defined (NaN = empty reference and prediction).
 """
+import importlib
 import math
 
 import numpy as np
@@ -121,6 +122,9 @@ def write_results(results, preprocessed):
 
 def use_dummy_registry(monkeypatch):
     """Only two registered methods, whatever methods exist while the tests run."""
+    # the trainer module builds its trainer classes from the registry on first import and stays imported:
+    # built from the dummy registry, later tests in this process would lose every other method's trainer
+    importlib.import_module("nnssl_trainers.swinunetr")
     monkeypatch.setattr(registry, "METHODS", {})
     monkeypatch.setattr(registry, "_import_method_modules", lambda: None)
     for name, family in (("simmim", "mim"), ("dino", "self-distillation")):
