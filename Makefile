@@ -7,6 +7,9 @@ export PYTHONUTF8 := 1
 STAMP  := $(VENV)/.nnssl-installed
 # pytest exits 5 when it collected no test; that is a broken suite, not a pass, so it is reported.
 PYTEST_ARGS ?=
+# pytest-xdist workers (0: everything in this one process). Each test file runs whole on one worker: its module
+# fixtures are built once and the Slurm tests share their one cluster; session fixtures are built per worker.
+TEST_WORKERS ?= 2
 
 .PHONY: install test demo bench clean
 
@@ -18,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; fi; exit $$rc
 
 demo: $(STAMP)
