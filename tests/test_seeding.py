@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 import torch
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from batchgeneratorsv2.transforms.noise import gaussian_blur
 from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
@@ -50,7 +51,7 @@ def _blurs(transform) -> list[GaussianBlurTransform]:
     found = [transform] if isinstance(transform, GaussianBlurTransform) else []
     for value in vars(transform).values():
         for inner in value if isinstance(value, list) else [value]:
-            if hasattr(inner, "__dict__") and inner is not transform:
+            if isinstance(inner, BasicTransform):
                 found += _blurs(inner)
     return found
 
