@@ -23,6 +23,8 @@ KNOBS: dict[str, str] = {
     "nnssl_checkpointing": "1: activation checkpointing (recompute Swin and decoder blocks in the backward "
                            "pass: less GPU memory, more compute, same gradients); 0: off",
     "nnssl_encoder_file": "encoder file of SwinUNETR_Imported_Trainer (instead of -pretrained_weights)",
+    "nnssl_unet_base_features": "features of the first stage of the nnU-Net baselines' CNN (nnU-Net: 32), "
+                                "doubled per stage up to the planned maximum",
 }
 PROG = "nnUNetv2_train"  # the command whose errors the trainers print
 FOLDER_VARIABLES = ("nnssl_results",)  # nnssl_* variables that name folders (nnssl.paths), not trainer knobs

@@ -34,10 +34,10 @@ def test_dry_run_lists_the_miniature_study_in_the_demo_folder(tmp_path):
     trainings = [line for line in jobs if "nnUNetv2_train" in line]
     assert all(" -device cpu" in line and "nnUNet_n_proc_DA=0" in line for line in trainings)
     swin = [line for line in trainings if "-tr SwinUNETR_" in line]
-    assert len(swin) == 6 and all("nnssl_backbone=tiny" in line and "nnssl_num_epochs=25" in line for line in swin)
-    baseline = [line for line in trainings if "-tr nnUNetTrainer_nnsslSchedule" in line]
-    assert len(baseline) == 3 and all("nnssl_num_epochs=5" in line and "nnssl_backbone" not in line
-                                      for line in baseline)  # the CNN's own, shorter schedule
+    assert len(swin) == 6 and all("nnssl_backbone=tiny" in line and "nnssl_num_epochs=20" in line for line in swin)
+    baseline = [line for line in trainings if "-tr nnUNetTrainerAdam_nnsslSchedule" in line]
+    assert len(baseline) == 3 and all("nnssl_num_epochs=20" in line and "nnssl_unet_base_features=16" in line and
+                                      "nnssl_backbone" not in line for line in baseline)  # same schedule, narrow CNN
     assert sum(" 601 3d_fullres 5 " in line for line in jobs) == 3  # the 2-shot fold follows nnU-Net's five
     # the aligned study: the corpus's plans on both tasks (the baseline too), one pretraining budget for every method
     assert all(line.endswith("-p nnsslPlans -device cpu") for line in trainings)
@@ -100,3 +100,18 @@ def test_summary_rows_pivot_dice_and_encoder_cka(tmp_path):
          "2-shot": 0.25, "many-shot": 0.5, "CKA 2-shot vs many": 0.75},
     ]
     assert summary_rows(tmp_path / "absent.csv", tmp_path / "cka", study) == []
+
+
+def test_organ_scale_enlarges_spleen_and_kidneys_and_leaves_the_rest():
+    import numpy as np
+    from nnssl.data.synthetic import LABELS, SyntheticSpec, synthetic_case
+
+    counts = {}
+    for scale in (1.0, 1.4):  # plans/demo.json's volume_shape
+        spec = SyntheticSpec("CT", (28, 28, 56), (28, 28, 56), (2.0, 2.0, 2.0), organ_scale=scale)
+        image, labels = synthetic_case(np.random.default_rng(3), spec)
+        counts[scale] = {name: int((labels == value).sum()) for name, value in LABELS.items()}
+        assert image.shape == labels.shape == (28, 28, 56)
+    for organ in ("spleen", "kidney"):
+        assert counts[1.4][organ] > 2 * counts[1.0][organ] > 0  # radii x1.4: about 2.7 times the volume
+    assert counts[1.4]["liver"] + counts[1.4]["tumour"] >= 0.9 * (counts[1.0]["liver"] + counts[1.0]["tumour"])

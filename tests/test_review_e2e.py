@@ -1,6 +1,7 @@
 """Issue 14 end to end: nnssl_report with an nnU-Net baseline, NSD, paired statistics, CKA and pictures, on the
 shared tiny scratch training plus one real baseline training (nnUNetTrainer_nnsslSchedule, 1 epoch x 2
-iterations, private results folder); NSD against known answers on hand-made volumes."""
+iterations, its CNN narrowed to 8 base features as the demo narrows it, private results folder); NSD against
+known answers on hand-made volumes."""
 import csv
 import json
 import math
@@ -22,8 +23,35 @@ BASELINE = "nnUNetTrainer_nnsslSchedule"
 def baseline_folder(ct_task, tmp_path_factory):
     results = tmp_path_factory.mktemp("baseline_results")
     run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "0", "-tr", BASELINE, "-device", "cpu",
-            env={"nnUNet_results": str(results), "nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "2"})
+            env={"nnUNet_results": str(results), "nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "2",
+                 "nnssl_unet_base_features": "8"})
     return results / ct_task.dataset / f"{BASELINE}__nnUNetPlans__3d_fullres"
+
+
+def test_baseline_cnn_narrowed_by_its_knob_is_what_predict_builds_and_later_folds_keep(baseline_folder, ct_task,
+                                                                                        tmp_path):
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    planned = json.loads((ct_task.preprocessed / "nnUNetPlans.json").read_text(encoding="utf-8"))
+    saved = json.loads((baseline_folder / "plans.json").read_text(encoding="utf-8"))
+    arch = lambda plans: plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"]
+    assert arch(planned)[0] == 32 and arch(saved) == [min(8 * 2 ** i, arch(planned)[-1])
+                                                       for i in range(len(arch(planned)))]
+    # nnUNetv2_predict builds the network from the model folder's plans.json, without the knob set
+    predictor = nnUNetPredictor(device=torch.device("cpu"))
+    predictor.initialize_from_trained_model_folder(str(baseline_folder), (0,), "checkpoint_final.pth")
+    first_conv = next(m for m in predictor.network.modules() if isinstance(m, torch.nn.Conv3d))
+    assert first_conv.out_channels == 8
+    # another fold of the folder with another width would break the folder's ensemble: refused before training
+    # (in a copy of the folder's plans.json: nnU-Net makes the fold's folder before the trainer can refuse)
+    copy = tmp_path / "results" / ct_task.dataset / baseline_folder.name
+    copy.mkdir(parents=True)
+    shutil.copy(baseline_folder / "plans.json", copy)
+    refused = run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "1", "-tr", BASELINE, "-device", "cpu",
+                      env={"nnUNet_results": str(tmp_path / "results"), "nnssl_unet_base_features": "16"}, check=False)
+    assert refused.returncode == 2 and "features_per_stage [8, 16," in refused.stderr + refused.stdout
+    assert not list(copy.glob("fold_1/*.pth")) and json.loads((copy / "plans.json").read_text("utf-8")) == saved
 
 
 def read_csv(path):

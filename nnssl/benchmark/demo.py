@@ -127,7 +127,8 @@ def make_synthetic_data(study: Study, settings: dict[str, Any], out: Path) -> No
     from nnssl.data.synthetic import LABELS, SyntheticSpec, write_corpus, write_task
 
     shape = settings["volume_shape"]
-    spec = SyntheticSpec("CT", tuple(shape["min_shape"]), tuple(shape["max_shape"]), tuple(shape["spacing"]))
+    spec = SyntheticSpec("CT", tuple(shape["min_shape"]), tuple(shape["max_shape"]), tuple(shape["spacing"]),
+                         shape.get("organ_scale", 1.0))
     staging = out / STAGING
     shutil.rmtree(staging, ignore_errors=True)  # left over from an interrupted run
     corpus = out / CORPUS_RAW

@@ -2,13 +2,13 @@
 
 Each case is a torso (fat, muscle, spine, lung bases) with liver, spleen, two kidneys and sometimes a liver
 tumour, at random sizes and positions. CT intensities are Hounsfield units (air -1000, fat about -100,
-liver about 60, bone several hundred); the MRI variant maps the same anatomy to T2-like intensities with
+liver about 110, bone several hundred); the MRI variant maps the same anatomy to T2-like intensities with
 a smooth bias field. Spacing is anisotropic (thick axial slices), as in clinical CT.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +19,20 @@ from nnssl.errors import NnsslError
 
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3, "tumour": 4}
 
-# tissue -> (CT HU mean, MRI T2-like mean). CT organs as in a portal-venous contrast phase (spleen enhances
-# above liver, kidney cortex well above both, tumour hypodense), so that every organ differs from its neighbours
-# by several noise standard deviations, as in the MRI column: a short schedule (the demo's) can learn all four.
+# tissue -> (CT HU mean, MRI T2-like mean). CT organs as in a portal-venous contrast phase (liver enhanced
+# well above muscle, spleen above liver, kidney cortex above both, tumour hypodense), so that every organ differs
+# from its neighbours by several noise standard deviations, as in the MRI column: a short schedule (the demo's)
+# can learn them.
 TISSUE_INTENSITY = {
     "air": (-1000.0, 0.0),
     "fat": (-100.0, 60.0),  # fat-suppressed in T2-SPIR
     "muscle": (45.0, 110.0),
     "lung": (-850.0, 15.0),
     "bone": (700.0, 40.0),
-    "liver": (60.0, 160.0),
-    "spleen": (110.0, 320.0),
-    "kidney": (180.0, 420.0),
-    "tumour": (5.0, 520.0),
+    "liver": (110.0, 160.0),
+    "spleen": (170.0, 320.0),
+    "kidney": (240.0, 420.0),
+    "tumour": (30.0, 520.0),
 }
 TISSUES = list(TISSUE_INTENSITY)
 NOISE_STD = {"CT": 12.0, "MRI": 12.0}
@@ -39,12 +40,14 @@ NOISE_STD = {"CT": 12.0, "MRI": 12.0}
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    """Shape (z, y, x voxels) range, spacing (x, y, z mm) and modality of generated volumes."""
+    """Shape (z, y, x voxels) range, spacing (x, y, z mm) and modality of generated volumes; ``organ_scale``
+    multiplies the radii of spleen and kidneys (small volumes, as the demo's, would leave them a few voxels)."""
 
     modality: str = "CT"
     min_shape: tuple[int, int, int] = (28, 72, 72)
     max_shape: tuple[int, int, int] = (36, 88, 88)
     spacing: tuple[float, float, float] = (1.6, 1.6, 2.5)
+    organ_scale: float = 1.0
 
 
 def _ellipsoid(grid: tuple[np.ndarray, ...], center, radii, rng: np.random.Generator) -> np.ndarray:
@@ -83,11 +86,11 @@ def synthetic_case(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.nd
         "liver": ((nz * 0.55, cy - body_r[0] * 0.05, cx - body_r[1] * 0.42),
                   (nz * 0.28, body_r[0] * 0.45, body_r[1] * 0.34)),
         "spleen": ((nz * 0.6, cy + body_r[0] * 0.2, cx + body_r[1] * 0.55),
-                   (nz * 0.16, body_r[0] * 0.2, body_r[1] * 0.15)),
+                   tuple(r * spec.organ_scale for r in (nz * 0.16, body_r[0] * 0.2, body_r[1] * 0.15))),
     }
     for side in (-1, 1):
         organs[f"kidney{side}"] = ((nz * 0.4, cy + body_r[0] * 0.45, cx + side * body_r[1] * 0.32),
-                                   (nz * 0.17, body_r[0] * 0.16, body_r[1] * 0.11))
+                                   tuple(r * spec.organ_scale for r in (nz * 0.17, body_r[0] * 0.16, body_r[1] * 0.11)))
     for organ, (center, radii) in organs.items():
         center = tuple(c + rng.normal(0, 1.2) for c in center)
         radii = tuple(r * rng.uniform(0.85, 1.15) for r in radii)
@@ -141,7 +144,7 @@ def write_task(raw_root: Path, dataset_id: int, name: str, num_training: int, nu
         raise NnsslError(f"A synthetic task needs at least 2 training cases; got {num_training}.")
     spec = spec or SyntheticSpec(modality=modality)
     if spec.modality != modality:
-        spec = SyntheticSpec(modality, spec.min_shape, spec.max_shape, spec.spacing)
+        spec = replace(spec, modality=modality)
     folder = Path(raw_root) / f"Dataset{dataset_id:03d}_{name}"
     rng = np.random.default_rng(seed)
     image_dtype = np.int16 if modality == "CT" else np.float32
