@@ -4,6 +4,7 @@ CKA files. The demo itself (about 15 minutes) is not run here."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -34,9 +35,9 @@ def test_dry_run_lists_the_miniature_study_in_the_demo_folder(tmp_path):
     trainings = [line for line in jobs if "nnUNetv2_train" in line]
     assert all(" -device cpu" in line and "nnUNet_n_proc_DA=0" in line for line in trainings)
     swin = [line for line in trainings if "-tr SwinUNETR_" in line]
-    assert len(swin) == 6 and all("nnssl_backbone=tiny" in line and "nnssl_num_epochs=20" in line for line in swin)
+    assert len(swin) == 6 and all("nnssl_backbone=tiny" in line and "nnssl_num_epochs=15" in line for line in swin)
     baseline = [line for line in trainings if "-tr nnUNetTrainerAdam_nnsslSchedule" in line]
-    assert len(baseline) == 3 and all("nnssl_num_epochs=20" in line and "nnssl_unet_base_features=16" in line and
+    assert len(baseline) == 3 and all("nnssl_num_epochs=15" in line and "nnssl_unet_base_features=16" in line and
                                       "nnssl_backbone" not in line for line in baseline)  # same schedule, narrow CNN
     assert sum(" 601 3d_fullres 5 " in line for line in jobs) == 3  # the 2-shot fold follows nnU-Net's five
     # the aligned study: the corpus's plans on both tasks (the baseline too), one pretraining budget for every method
@@ -90,8 +91,10 @@ def test_summary_rows_pivot_dice_and_encoder_cka(tmp_path):
                     "Dataset601_SynthCT,CT,scratch,scratch,many-shot,1,2,0.125\n")
     cka = tmp_path / "cka" / "Dataset601_SynthCT" / "SwinUNETR_SMIT_Trainer" / "2shot_fold0_seed0" / "cka.json"
     cka.parent.mkdir(parents=True)
-    # encoder stages 0.5 and 1.0 -> 0.75; the decoder block is not part of the encoder mean
-    cka.write_text(json.dumps({"comparisons": [{"diagonal": {"stage1": 0.5, "stage4": 1.0, "encoder10": 0.0}}]}))
+    # encoder stages 0.5 and 1.0 -> 0.75; the decoder block is not part of the encoder mean, nor is a stage whose
+    # CKA is undefined (NaN, as nnssl_cka writes it when a layer's features do not vary over the patches)
+    cka.write_text(json.dumps({"comparisons": [{"diagonal": {"stage1": 0.5, "stage3": math.nan, "stage4": 1.0,
+                                                              "encoder10": 0.0}}]}))
     rows = summary_rows(dice, tmp_path / "cka", study)
     assert rows == [
         {"task": "Dataset601_SynthCT", "modality": "CT", "method": "scratch", "family": "scratch",

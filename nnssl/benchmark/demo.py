@@ -219,7 +219,8 @@ def summary_rows(dice_csv: Path, cka_dir: Path, study: Study) -> list[dict[str, 
         dataset, trainer, run = path.parts[-4:-1]
         row = rows.get((dataset, method_of.get(trainer, "")))
         diagonal = load_json(path)["comparisons"][0]["diagonal"]
-        encoder = [value for layer, value in diagonal.items() if layer in ENCODER_LAYERS]
+        # layers whose CKA is undefined (NaN: features constant over the patches) are left out, as in the report
+        encoder = [value for layer, value in diagonal.items() if layer in ENCODER_LAYERS and not math.isnan(value)]
         if row is not None and encoder:
             row[f"CKA {run.split('_')[0].replace('shot', '-shot')} vs many"] = sum(encoder) / len(encoder)
     alignment_csv = dice_csv.with_name("alignment.csv")  # the trainers' check, per model folder (nnssl_report)
