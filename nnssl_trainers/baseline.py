@@ -6,11 +6,10 @@ variant ``nnUNetTrainerAdam``, whose number of epochs and iterations per epoch c
 and ``nnssl_iterations_per_epoch`` knobs, so a shortened study (the demo, ``finetune_env`` in a plan) shortens
 its baseline the same way as its SwinUNETR runs. Their CNN can be made narrower with ``nnssl_unet_base_features``
 (nnU-Net's ``UNet_base_num_features``, 32: the first stage's features, doubled per stage up to the planned
-maximum), so that the demo's CPU baseline costs about what its tiny SwinUNETR costs per iteration. The narrowed
-architecture is written into the model folder's plans.json (nnU-Net's record of the network, which
-nnUNetv2_predict builds from), and later folds of the folder follow it. Like nnssl's trainers they honour
-``OMP_NUM_THREADS`` on the CPU and save when told to stop (SIGTERM, Slurm's signal). At paper scale, name plain
-``nnUNetTrainer`` as the baseline.
+maximum), for a baseline of CPU size such as the demo's. The narrowed architecture is written into the model
+folder's plans.json (nnU-Net's record of the network, which nnUNetv2_predict builds from), and later folds of the
+folder follow it. Like nnssl's trainers they honour ``OMP_NUM_THREADS`` on the CPU and save when told to stop
+(SIGTERM, Slurm's signal). At paper scale, name plain ``nnUNetTrainer`` as the baseline.
 """
 from __future__ import annotations
 
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.optimizer.nnUNetTrainerAdam import nnUNetTrainerAdam
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnssl.errors import NnsslError, exit_on_user_error
 from nnssl.io import CONCURRENT_WRITE_WAIT_S, load_json
@@ -64,8 +64,8 @@ class NnsslSchedule(SaveOnSignal):
         if not saved.is_file():
             return None
         plans = load_json(saved, wait_s=CONCURRENT_WRITE_WAIT_S)  # another fold may be writing it
-        return self.plans_manager.__class__(plans).get_configuration(
-            self.configuration_name).network_arch_init_kwargs["features_per_stage"]
+        configuration = PlansManager(plans).get_configuration(self.configuration_name)
+        return configuration.network_arch_init_kwargs["features_per_stage"]
 
 
 class nnUNetTrainer_nnsslSchedule(NnsslSchedule, nnUNetTrainer):
@@ -73,5 +73,5 @@ class nnUNetTrainer_nnsslSchedule(NnsslSchedule, nnUNetTrainer):
 
 
 class nnUNetTrainerAdam_nnsslSchedule(NnsslSchedule, nnUNetTrainerAdam):
-    """AdamW instead of SGD: on the demo's short CPU schedules (250 iterations) the SGD CNN stays at predicting
-    background on the synthetic CT, the AdamW one learns the organs."""
+    """AdamW instead of SGD: on short CPU schedules such as the demo's (150 iterations) the SGD CNN stays at
+    predicting background on the synthetic CT, the AdamW one learns the organs."""
