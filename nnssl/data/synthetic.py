@@ -86,14 +86,15 @@ def synthetic_case(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.nd
         "liver": ((nz * 0.55, cy - body_r[0] * 0.05, cx - body_r[1] * 0.42),
                   (nz * 0.28, body_r[0] * 0.45, body_r[1] * 0.34)),
         "spleen": ((nz * 0.6, cy + body_r[0] * 0.2, cx + body_r[1] * 0.55),
-                   tuple(r * spec.organ_scale for r in (nz * 0.16, body_r[0] * 0.2, body_r[1] * 0.15))),
+                   (nz * 0.16, body_r[0] * 0.2, body_r[1] * 0.15)),
     }
     for side in (-1, 1):
         organs[f"kidney{side}"] = ((nz * 0.4, cy + body_r[0] * 0.45, cx + side * body_r[1] * 0.32),
-                                   tuple(r * spec.organ_scale for r in (nz * 0.17, body_r[0] * 0.16, body_r[1] * 0.11)))
+                                   (nz * 0.17, body_r[0] * 0.16, body_r[1] * 0.11))
     for organ, (center, radii) in organs.items():
+        scale = 1.0 if organ == "liver" else spec.organ_scale
         center = tuple(c + rng.normal(0, 1.2) for c in center)
-        radii = tuple(r * rng.uniform(0.85, 1.15) for r in radii)
+        radii = tuple(r * scale * rng.uniform(0.85, 1.15) for r in radii)
         mask = _ellipsoid(grid, center, radii, rng) & inner & ~lung
         name = "kidney" if organ.startswith("kidney") else organ
         tissue[mask] = TISSUES.index(name)
