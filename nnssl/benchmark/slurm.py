@@ -104,8 +104,10 @@ def job_statuses(plan: StudyPlan, output: Path, records: dict[str, dict],
 def _status(job: Job, output: Path, record: dict | None, live: dict[str, tuple[str, str]],
             earlier: dict[str, JobResult]) -> JobResult:
     logfile = log_path(output / "logs", job)
-    if job.state == DONE:
-        return JobResult(job, ALREADY_DONE, log=logfile)
+    outcome = _outcome(output, job, record)
+    if job.state == DONE:  # its files exist: "ok" when this study's Slurm job made them, else done before it
+        return _finished(job, outcome, record, logfile) if outcome.get("status") == "ok" else \
+            JobResult(job, ALREADY_DONE, log=logfile)
     if record is None:
         return JobResult(job, MISSING, message="not submitted")
     slurm_id = record["slurm_id"]
@@ -115,12 +117,8 @@ def _status(job: Job, output: Path, record: dict | None, live: dict[str, tuple[s
         return JobResult(job, QUEUED, log=logfile, message=f"{where} {state.lower()} ({reason})")
     if state in _ACTIVE:
         return JobResult(job, RUNNING, log=logfile, message=f"{where} {state.lower()}")
-    outcome_file = outcome_path(slurm_folder(output) / "outcomes", job.id)
-    outcome = load_json(outcome_file) if outcome_file.is_file() else {}
-    if outcome.get("slurm_id") == slurm_id:
-        status = OK if outcome["status"] == "ok" else FAILED
-        return JobResult(job, status, outcome.get("returncode"), logfile,
-                         outcome.get("message", "") and f"{where}: {outcome['message']}", outcome.get("seconds", 0.0))
+    if outcome:
+        return _finished(job, outcome, record, logfile)
     blocked = [d for d in job.deps if d in earlier and earlier[d].status not in (OK, ALREADY_DONE)]
     if blocked or reason == "DependencyNeverSatisfied":
         return JobResult(job, SKIPPED, message=f"{where} cancelled: dependency {blocked[0] if blocked else '?'} "
@@ -130,6 +128,21 @@ def _status(job: Job, output: Path, record: dict | None, live: dict[str, tuple[s
     return JobResult(job, INTERRUPTED, log=logfile,
                      message=f"{where} ended without an outcome ({state.lower() or 'no longer in squeue'}: "
                              f"cancelled or killed)")
+
+
+def _outcome(output: Path, job: Job, record: dict | None) -> dict:
+    """The outcome ``job``'s Slurm job ``record`` wrote ({} when none, or one of an earlier submission)."""
+    outcome_file = outcome_path(slurm_folder(output) / "outcomes", job.id)
+    if record is None or not outcome_file.is_file():
+        return {}
+    outcome = load_json(outcome_file)
+    return outcome if outcome.get("slurm_id") == record["slurm_id"] else {}
+
+
+def _finished(job: Job, outcome: dict, record: dict, logfile: Path) -> JobResult:
+    message = outcome.get("message", "") and f"Slurm job {record['slurm_id']}: {outcome['message']}"
+    return JobResult(job, OK if outcome["status"] == "ok" else FAILED, outcome.get("returncode"), logfile, message,
+                     outcome.get("seconds", 0.0))
 
 
 # -- what to submit ------------------------------------------------------------------------------------------
@@ -143,7 +156,7 @@ def plan_submissions(plan: StudyPlan, statuses: Sequence[JobResult], records: di
     submit: list[Job] = []
     for job in plan.jobs:
         status = by_id[job.id].status
-        if status in (QUEUED, RUNNING, ALREADY_DONE):
+        if status in (QUEUED, RUNNING, ALREADY_DONE) or job.state == DONE:
             continue
         submitted = {j.id for j in submit}
         if status == OK and not any(d in submitted for d in (*job.deps, *job.after)):
