@@ -67,8 +67,11 @@ def _wait(condition, what: str, seconds: float = WAIT_SECONDS, poll: float = 1.0
 
 def _release_requeued(slurm_id: str, time_limit: str | None = None) -> bool:
     """Slurm holds a requeued job for two minutes (BeginTime); start it now so the test stays short, with
-    ``time_limit`` (minutes) if given."""
+    ``time_limit`` (minutes) if given. Not within the second its previous run ended: slurmd refuses a credential
+    issued in the second the old one was revoked ("Job credential revoked"), which Slurm's hold avoids."""
     jobs = [j for j in _squeue(slurm_id.split("_")[0]) if j["state"] == "PENDING" and j["reason"] == "BeginTime"]
+    if jobs:
+        time.sleep(2)
     for job in jobs:
         limit = [f"TimeLimit={time_limit}"] if time_limit else []
         subprocess.run(["scontrol", "update", f"jobid={job['id']}", *limit, "StartTime=now"], check=True)
@@ -254,22 +257,25 @@ def test_cluster_settings_from_file_and_flags(tmp_path):
 
 def test_resubmission_plan_leaves_queued_jobs_and_depends_on_them(tmp_path):
     """What a re-run submits: nothing for queued/running/done jobs, the failed job and what it blocked again,
-    with afterok on the queued job they need."""
+    with afterok on the queued job they need. A job whose files exist is "ok" when this study's Slurm job made
+    them (however early it finished), "done" when they were there before."""
     jobs = [Job("pretrain/a", "pretrain", ("p",), gpu=True), Job("plan/t", "plan", ("q",), DONE),
+            Job("fewshot/t", "fewshot", ("s",), DONE),
             *[Job(f"finetune/t/a/fold_{f}", "finetune", ("f", str(f)), deps=("plan/t", "pretrain/a"), gpu=True)
               for f in (0, 1)],
             Job("cka/t/a", "cka", ("c",), deps=("finetune/t/a/fold_0", "finetune/t/a/fold_1"), gpu=True)]
-    jobs.append(Job("report", "report", ("r",), after=tuple(j.id for j in jobs[2:])))
+    jobs.append(Job("report", "report", ("r",), after=tuple(j.id for j in jobs[3:])))
     plan = StudyPlan(jobs)
     out = tmp_path / "out"
-    records = {"pretrain/a": {"slurm_id": "7"}, "finetune/t/a/fold_0": {"slurm_id": "8_0"},
+    records = {"pretrain/a": {"slurm_id": "7"}, "fewshot/t": {"slurm_id": "6"}, "finetune/t/a/fold_0": {"slurm_id": "8_0"},
                "finetune/t/a/fold_1": {"slurm_id": "8_1"}, "cka/t/a": {"slurm_id": "9"}, "report": {"slurm_id": "10"}}
     save_json({"slurm_id": "8_1", "status": "failed", "returncode": 1, "message": "exit status 1"},
               outcome_path(out / "slurm" / "outcomes", "finetune/t/a/fold_1"))
+    save_json({"slurm_id": "6", "status": "ok", "returncode": 0}, outcome_path(out / "slurm" / "outcomes", "fewshot/t"))
     live = {"7": ("RUNNING", "None"), "8_0": ("PENDING", "Dependency"), "9": ("CANCELLED", "DependencyNeverSatisfied"),
             "10": ("COMPLETED", "None")}
     statuses = job_statuses(plan, out, records, live)
-    assert [r.status for r in statuses] == ["running", "done", "queued", "failed", "skipped", "interrupted"]
+    assert [r.status for r in statuses] == ["running", "done", "ok", "queued", "failed", "skipped", "interrupted"]
     submissions, left_alone = plan_submissions(plan, statuses, records, load_cluster(None, {}), "cuda")
     assert left_alone == {"pretrain/a": "7", "finetune/t/a/fold_0": "8_0"}
     assert [[j.id for j in s.jobs] for s in submissions] == [["finetune/t/a/fold_1"], ["cka/t/a"], ["report"]]
