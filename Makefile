@@ -9,6 +9,7 @@ STAMP  := $(VENV)/.nnssl-installed
 PYTEST_ARGS ?=
 # pytest-xdist workers (0: everything in this one process). Each test file runs whole on one worker: its module
 # fixtures are built once and the Slurm tests share their one cluster; session fixtures are built per worker.
+# Files start in the order tests/conftest.py gives them (longest first), not xdist's most-tests-first.
 TEST_WORKERS ?= 2
 
 .PHONY: install test demo bench clean
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; fi; exit $$rc
 
 demo: $(STAMP)

@@ -1,27 +1,37 @@
 """Shared fixtures: one set of nnU-Net folders per test session, tiny synthetic data, real console scripts.
 
-Everything expensive (planning/preprocessing, a scratch training, a pretraining corpus) is made once per
-session and shared; tests that change things copy what they need into their own ``tmp_path``.
+Everything expensive (planning/preprocessing, a scratch training, a pretraining corpus) is made once per test
+run, also when pytest-xdist runs several workers (:func:`built_once`), and copied into each worker's session
+folders; tests that change things copy what they need into their own ``tmp_path``.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
+import torch
 
 from nnssl.data.synthetic import write_corpus, write_task
 
 BIN = Path(sys.executable).parent
 CT_TASK_ID, CT_TASK_NAME = 990, "SynthCT"
 CORPUS_ID = 501
+CORPUS_DATASET = f"Dataset{CORPUS_ID:03d}_CTcorpus"
 # nnssl_pretrain options for a few-second CPU run: tiny Swin, 32^3 crops, batch 2, no worker processes
 TINY_PRETRAIN = ("--backbone", "tiny", "--patch-size", "32", "32", "32", "--batch-size", "2", "--device", "cpu",
                  "--num-workers", "0")
+
+# One share of the cores per pytest-xdist worker (make test runs two on two cores): that many torch threads in the
+# worker and in every script it starts. OpenMP threads that outnumber the cores spin against each other's.
+THREADS = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+torch.set_num_threads(THREADS)
 
 # Small-CPU settings for nnU-Net and nnssl: no worker pools, tiny network, few iterations.
 TEST_ENV = {
@@ -31,7 +41,7 @@ TEST_ENV = {
     "nnssl_backbone": "tiny",
     "nnssl_num_epochs": "2",
     "nnssl_iterations_per_epoch": "3",
-    "OMP_NUM_THREADS": "2",
+    "OMP_NUM_THREADS": str(THREADS),
     "PYTHONWARNINGS": "ignore",
 }
 
@@ -78,10 +88,10 @@ def _run(command: list[str], env: dict[str, str] | None, timeout: float, check: 
     return result
 
 
-def plan_and_preprocess(dataset_id: int, *extra: str) -> None:
+def plan_and_preprocess(dataset_id: int, *extra: str, env: dict[str, str] | None = None) -> None:
     # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which rejects the 0 used for training
     run_cli("nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "3d_fullres", "-np", "1",
-            "--verify_dataset_integrity", *extra, env={"nnUNet_n_proc_DA": "1"})
+            "--verify_dataset_integrity", *extra, env={**(env or {}), "nnUNet_n_proc_DA": "1"})
 
 
 @dataclass
@@ -91,22 +101,40 @@ class NnunetFolders:
     results: Path
     nnssl_results: Path
 
+    @classmethod
+    def under(cls, root: Path) -> "NnunetFolders":
+        folders = cls(root / "raw", root / "preprocessed", root / "results", root / "nnssl_results")
+        for path in vars(folders).values():
+            path.mkdir(parents=True, exist_ok=True)
+        return folders
+
+    def env(self) -> dict[str, str]:
+        """The folders as nnU-Net's and nnssl's environment variables."""
+        return {"nnUNet_raw": str(self.raw), "nnUNet_preprocessed": str(self.preprocessed),
+                "nnUNet_results": str(self.results), "nnssl_results": str(self.nnssl_results)}
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[NnunetFolders], None]) -> NnunetFolders:
+    """nnU-Net folders filled by ``build`` once per test run, whatever the number of pytest-xdist workers: the first
+    worker to ask builds them under a file lock, the others wait and then read them. Tests never change these
+    folders: each worker copies what it uses into its own session folders."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / f"built_once_{name}"
+    with open(f"{root}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this worker dies
+        if not (root / ".complete").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            build(NnunetFolders.under(root))
+            (root / ".complete").touch()
+    return NnunetFolders(root / "raw", root / "preprocessed", root / "results", root / "nnssl_results")
+
 
 @pytest.fixture(scope="session")
 def nnunet_env(tmp_path_factory) -> NnunetFolders:
     """Session-wide nnU-Net/nnssl folders, exported as environment variables for every subprocess."""
-    root = tmp_path_factory.mktemp("nnunet")
-    folders = NnunetFolders(root / "raw", root / "preprocessed", root / "results", root / "nnssl_results")
-    for path in vars(folders).values():
-        path.mkdir()
+    folders = NnunetFolders.under(tmp_path_factory.mktemp("nnunet"))
     saved = dict(os.environ)
-    os.environ.update({
-        "nnUNet_raw": str(folders.raw),
-        "nnUNet_preprocessed": str(folders.preprocessed),
-        "nnUNet_results": str(folders.results),
-        "nnssl_results": str(folders.nnssl_results),
-        **TEST_ENV,
-    })
+    os.environ.update({**folders.env(), **TEST_ENV})
     yield folders
     os.environ.clear()
     os.environ.update(saved)
@@ -124,28 +152,47 @@ class Task:
         return f"Dataset{self.dataset_id:03d}_{self.name}"
 
 
+CT_TASK = f"Dataset{CT_TASK_ID:03d}_{CT_TASK_NAME}"
+SCRATCH_MODEL = "SwinUNETR_Scratch_Trainer__nnUNetPlans__3d_fullres"
+
+
+def _ct_task_built(tmp_path_factory) -> NnunetFolders:
+    def build(folders: NnunetFolders) -> None:
+        write_task(folders.raw, CT_TASK_ID, CT_TASK_NAME, num_training=8, num_test=2, seed=1)
+        plan_and_preprocess(CT_TASK_ID, env=folders.env())
+    return built_once(tmp_path_factory, "ct_task", build)
+
+
 @pytest.fixture(scope="session")
-def ct_task(nnunet_env) -> Task:
+def ct_task(nnunet_env, tmp_path_factory) -> Task:
     """Synthetic CT task (8 training + 2 test cases), planned and preprocessed by the real nnU-Net script."""
-    raw = write_task(nnunet_env.raw, CT_TASK_ID, CT_TASK_NAME, num_training=8, num_test=2, seed=1)
-    plan_and_preprocess(CT_TASK_ID)
-    return Task(CT_TASK_ID, CT_TASK_NAME, raw, nnunet_env.preprocessed / raw.name)
+    built = _ct_task_built(tmp_path_factory)
+    raw = copy_tree(built.raw / CT_TASK, nnunet_env.raw / CT_TASK)
+    return Task(CT_TASK_ID, CT_TASK_NAME, raw, copy_tree(built.preprocessed / CT_TASK, nnunet_env.preprocessed / CT_TASK))
 
 
 @pytest.fixture(scope="session")
-def trained_scratch(ct_task, nnunet_env) -> Path:
+def trained_scratch(ct_task, nnunet_env, tmp_path_factory) -> Path:
     """Fold 0 of SwinUNETR_Scratch_Trainer (tiny backbone, 2 epochs x 3 iterations), trained for real."""
-    run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "0", "-tr", "SwinUNETR_Scratch_Trainer",
-            "-device", "cpu")
-    return nnunet_env.results / ct_task.dataset / "SwinUNETR_Scratch_Trainer__nnUNetPlans__3d_fullres"
+    def build(folders: NnunetFolders) -> None:
+        copy_tree(_ct_task_built(tmp_path_factory).preprocessed / CT_TASK, folders.preprocessed / CT_TASK)
+        run_cli("nnUNetv2_train", CT_TASK_ID, "3d_fullres", "0", "-tr", "SwinUNETR_Scratch_Trainer", "-device", "cpu",
+                env=folders.env())
+    built = built_once(tmp_path_factory, "trained_scratch", build)
+    return copy_tree(built.results / CT_TASK / SCRATCH_MODEL, nnunet_env.results / CT_TASK / SCRATCH_MODEL)
 
 
 @pytest.fixture(scope="session")
 def pretrain_corpus(nnunet_env, tmp_path_factory) -> int:
     """Dataset501_CTcorpus: 6 synthetic CT volumes through the real nnssl_prepare_corpus (2 mm, body masks)."""
-    raw = tmp_path_factory.mktemp("raw_ct_corpus")
-    write_corpus(raw, 6, seed=5)
-    run_cli("nnssl_prepare_corpus", "-i", raw, "-d", CORPUS_ID, "-n", "CTcorpus", "-np", "1")
+    def build(folders: NnunetFolders) -> None:
+        volumes = folders.raw.parent / "volumes"
+        volumes.mkdir()
+        write_corpus(volumes, 6, seed=5)
+        run_cli("nnssl_prepare_corpus", "-i", volumes, "-d", CORPUS_ID, "-n", "CTcorpus", "-np", "1", env=folders.env())
+    built = built_once(tmp_path_factory, "pretrain_corpus", build)
+    for kind in ("raw", "preprocessed"):
+        copy_tree(getattr(built, kind) / CORPUS_DATASET, getattr(nnunet_env, kind) / CORPUS_DATASET)
     return CORPUS_ID
 
 
@@ -165,6 +212,18 @@ def pretrain_run(method: str, *extra: str, run: str | None = None, epochs: int =
 def copy_tree(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target
+
+
+# The files that take longest (pytest --durations on two workers), started first so that no long file starts last
+# and finishes alone; make test keeps this order (--no-loadscope-reorder). A stale list costs time, not correctness.
+LONGEST_FILES = ("test_concurrent_jobs", "test_probe", "test_slurm", "test_alignment", "test_pretrain_engine",
+                 "test_finetune", "test_reliability", "test_methods_contrastive_e2e", "test_cka_e2e", "test_bench_gpu",
+                 "test_review_e2e", "test_compile", "test_everyday_use", "test_plans_variants", "test_foundation_e2e")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest keep their order
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -169,8 +169,8 @@ def test_aligned_plans_train_predict_continue_and_report(ct_task, pretrain_corpu
             "-device", "cpu", "--c", env=env, timeout=SLOW)
     assert (model / "fold_0" / "validation" / "summary.json").is_file()
 
-    result = run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu",
-                     env={**SHORT, "nnssl_run": RUN}, timeout=SLOW)
+    result = train_without_validation(ct_task.dataset_id, "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu",
+                                      env={**SHORT, "nnssl_run": RUN}, timeout=SLOW)
     warning = next(line for line in result.stdout.splitlines() if "WARNING" in line)
     assert "not aligned with the encoder's pretraining" in warning
     assert f"pretraining clip [{corpus_ct['percentile_00_5']:.4g}, {corpus_ct['percentile_99_5']:.4g}]" in warning

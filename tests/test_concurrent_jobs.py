@@ -39,13 +39,16 @@ def own_preprocessed(ct_task, tmp_path, monkeypatch) -> Path:
 
 
 # Starts nnU-Net's own nnUNetv2_train entry point in N processes forked at the same instant from one interpreter that
-# has imported nnU-Net and our trainers once (an interpreter start per job would cost more than the training).
+# has imported nnU-Net and our trainers once (an interpreter start per job would cost more than the training), and
+# has run nnU-Net's trainer search once (it imports every trainer module nnU-Net ships).
 FORK_TRAININGS = """
 import json, os, sys, traceback
 from nnunetv2.run.run_training import run_training_entry
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 import nnssl_trainers.swinunetr  # noqa: F401  (imported once, before forking)
 
 jobs, logs = json.loads(sys.argv[1]), sys.argv[2]
+recursive_find_trainer_class_by_name(jobs[0][jobs[0].index("-tr") + 1])
 pids = []
 for i, argv in enumerate(jobs):
     pid = os.fork()
