@@ -8,7 +8,8 @@ STAMP  := $(VENV)/.nnssl-installed
 # pytest exits 5 when it collected no test; that is a broken suite, not a pass, so it is reported.
 PYTEST_ARGS ?=
 # pytest-xdist workers (0: everything in this one process). Each test file runs whole on one worker: its module
-# fixtures are built once and the Slurm tests share their one cluster; session fixtures are built per worker.
+# fixtures are built once and the Slurm tests share their one cluster; session data is built once per run and
+# copied to each worker (tests/conftest.py built_once).
 # Files start in the order tests/conftest.py gives them (longest first), not xdist's most-tests-first.
 TEST_WORKERS ?= 2
 

@@ -126,7 +126,7 @@ def built_once(tmp_path_factory, name: str, build: Callable[[NnunetFolders], Non
             shutil.rmtree(root, ignore_errors=True)
             build(NnunetFolders.under(root))
             (root / ".complete").touch()
-    return NnunetFolders(root / "raw", root / "preprocessed", root / "results", root / "nnssl_results")
+    return NnunetFolders.under(root)
 
 
 @pytest.fixture(scope="session")
