@@ -2,7 +2,8 @@
 
 - 6 fine-tunings of one model folder (different folds) start at the same instant, 5 rounds in a row: all 30
   succeed, and every read of the shared plans.json made while they run parses. nnU-Net's final validation, which
-  writes only the fold's own folder and costs more than the tiny training, runs in the last round only.
+  writes only the fold's own folder and costs more than the tiny training, runs in the last round only, without
+  its test-time mirroring (8 predictions per window instead of 1; this test checks the files, not the Dice).
 - Two nnssl_fewshot processes adding different shot counts at once: every fold of both ends up in
   splits_final.json and fewshot.json, and no fold is renumbered.
 """
@@ -41,6 +42,14 @@ def own_preprocessed(ct_task, tmp_path, monkeypatch) -> Path:
 # Starts nnU-Net's own nnUNetv2_train entry point in N processes forked at the same instant from one interpreter that
 # has imported nnU-Net and our trainers once (an interpreter start per job would cost more than the training), and
 # has run nnU-Net's trainer search once (it imports every trainer module nnU-Net ships).
+UNMIRRORED_VALIDATION = """
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+validate = nnUNetTrainer.perform_actual_validation
+def validate_unmirrored(self, *args, **kwargs):
+    self.inference_allowed_mirroring_axes = None
+    return validate(self, *args, **kwargs)
+nnUNetTrainer.perform_actual_validation = validate_unmirrored
+"""
 FORK_TRAININGS = """
 import json, os, sys, traceback
 from nnunetv2.run.run_training import run_training_entry
@@ -113,7 +122,8 @@ def test_six_folds_started_at_once_five_times(ct_task, own_preprocessed, tmp_pat
         for round_ in range(SOAK_ROUNDS):
             logs = tmp_path / f"round_{round_}"
             logs.mkdir()
-            script = FORK_TRAININGS if round_ == SOAK_ROUNDS - 1 else NO_FINAL_VALIDATION + FORK_TRAININGS
+            validation = UNMIRRORED_VALIDATION if round_ == SOAK_ROUNDS - 1 else NO_FINAL_VALIDATION
+            script = validation + FORK_TRAININGS
             launcher = subprocess.Popen([sys.executable, "-c", script, json.dumps(jobs), str(logs)],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         start_new_session=True)

@@ -82,8 +82,10 @@ def _supervised_encoder(task_id: int, path, steps: int = 300):
                                  "run": "shortcut", "step": steps, "source": "student"})
 
 
+# pretrain_corpus before ct_task: this test starts a run beside the six-folds soak, which builds the CT task, so the
+# two workers build the session's corpus and CT task at the same time instead of one waiting for the other
 @pytest.mark.slow
-def test_probe_sees_pretraining_and_separates_a_fitted_encoder_from_random(ct_task, pretrain_corpus, tmp_path):
+def test_probe_sees_pretraining_and_separates_a_fitted_encoder_from_random(pretrain_corpus, ct_task, tmp_path):
     # nnssl_pretrain --probe: probes before the first step, every 2 steps and at the end, in log.csv and the plot
     result, run = pretrain_run("simmim", "--probe", str(ct_task.dataset_id), "--probe-every", "2", epochs=1,
                                steps_per_epoch=4, run="probed")
