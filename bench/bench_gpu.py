@@ -194,19 +194,20 @@ def run(full: bool) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.run import format_table, merge, stamp
+    from bench.run import check_rows, format_table, record, stamp
     from nnssl.errors import exit_on_user_error
 
     parser = argparse.ArgumentParser(prog="bench.bench_gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: a dry run with tiny sizes (checks the script, not the figures)")
-    parser.add_argument("--results", type=Path, help="merge the rows into this results file (default: print only)")
+    parser.add_argument("--results", type=Path, help="merge the rows into this results file and rewrite the "
+                                                      "RESULTS.md beside it (default: print only)")
     args = parser.parse_args(argv)
     with exit_on_user_error("bench.bench_gpu"):
-        rows = stamp(run_suite(args.device))
+        rows = stamp(check_rows("bench.bench_gpu", run_suite(args.device)))
     print(format_table(rows))
     if args.results:
-        merge(rows, args.results)
+        record(rows, args.results)
     return 0
 
 

@@ -13,17 +13,15 @@ folder follow it. Like nnssl's trainers they honour ``OMP_NUM_THREADS`` on the C
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.optimizer.nnUNetTrainerAdam import nnUNetTrainerAdam
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnssl.errors import NnsslError, exit_on_user_error
-from nnssl.io import CONCURRENT_WRITE_WAIT_S, load_json
 from nnssl_trainers.knobs import env_positive
 from nnssl_trainers.preemption import SaveOnSignal
+from nnssl_trainers.shared_files import saved_model_plans
 
 
 class NnsslSchedule(SaveOnSignal):
@@ -60,12 +58,11 @@ class NnsslSchedule(SaveOnSignal):
         configuration["architecture"] = self.configuration_manager.configuration["architecture"]
 
     def _saved_features(self) -> list[int] | None:
-        saved = Path(self.output_folder_base) / "plans.json"
-        if not saved.is_file():
+        plans = saved_model_plans(self.output_folder_base)
+        if plans is None:
             return None
-        plans = load_json(saved, wait_s=CONCURRENT_WRITE_WAIT_S)  # another fold may be writing it
-        configuration = PlansManager(plans).get_configuration(self.configuration_name)
-        return configuration.network_arch_init_kwargs["features_per_stage"]
+        return PlansManager(plans).get_configuration(self.configuration_name).network_arch_init_kwargs[
+            "features_per_stage"]
 
 
 class nnUNetTrainer_nnsslSchedule(NnsslSchedule, nnUNetTrainer):

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as nnunet_trainer_module
 
+from nnssl.errors import NnsslError
 from nnssl.io import CONCURRENT_WRITE_WAIT_S, atomic_path, load_json, locked
 
 
@@ -25,6 +27,22 @@ def _save_json(obj: Any, file: str, indent: int = 4, sort_keys: bool = True) -> 
 
 def _load_json(file: str) -> Any:
     return load_json(file, wait_s=CONCURRENT_WRITE_WAIT_S)
+
+
+def saved_model_plans(model_folder: str | Path) -> dict | None:
+    """The plans.json that an earlier fold wrote into this model folder (None before the first fold starts);
+    waits out a fold that is writing it, and names the file if it is damaged."""
+    saved = Path(model_folder) / "plans.json"
+    if not saved.is_file():
+        return None
+    try:
+        plans = load_json(saved, wait_s=CONCURRENT_WRITE_WAIT_S)
+        if not isinstance(plans.get("configurations"), dict):
+            raise ValueError("no 'configurations' section")
+    except (ValueError, AttributeError) as err:
+        raise NnsslError(f"{saved} is damaged ({type(err).__name__}: {err}). Restore it from a backup, or copy "
+                         f"the plans file from $nnUNet_preprocessed if no fold of this model was trained.") from None
+    return plans
 
 
 @contextmanager

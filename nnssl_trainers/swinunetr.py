@@ -69,7 +69,7 @@ from nnssl_trainers.nnunet_checkpoints import NnunetCheckpoints
 from nnssl_trainers.preemption import SaveOnSignal
 from nnssl_trainers.pretrained_encoder import PretrainedEncoder
 from nnssl_trainers.seeding import DEFAULT_SEED, env_seed, ordered_augmenters, without_timed_choices
-from nnssl_trainers.shared_files import safe_shared_json
+from nnssl_trainers.shared_files import safe_shared_json, saved_model_plans
 
 DEFAULT_BACKBONE = "paper"
 
@@ -124,15 +124,8 @@ class SwinUNETR_Scratch_Trainer(SaveOnSignal, NnunetCheckpoints, PretrainedEncod
 
     def _saved_settings(self) -> dict:
         """The nnssl section of this model folder's plans.json, if a training already wrote one."""
-        saved = Path(self.output_folder_base) / "plans.json"
-        if not saved.is_file():
-            return {}
-        try:
-            plans = load_json(saved, wait_s=CONCURRENT_WRITE_WAIT_S)  # another fold may be writing it
-            return plans["configurations"].get(self.configuration_name, {}).get(PLANS_KEY) or {}
-        except (ValueError, KeyError, AttributeError) as err:
-            raise NnsslError(f"{saved} is damaged ({type(err).__name__}: {err}). Restore it from a backup, or copy "
-                             f"the plans file from $nnUNet_preprocessed if no fold of this model was trained.") from None
+        plans = saved_model_plans(self.output_folder_base) or {"configurations": {}}
+        return (plans["configurations"].get(self.configuration_name) or {}).get(PLANS_KEY) or {}
 
     def _configure(self) -> None:
         configuration = self.plans_manager.plans["configurations"][self.configuration_name]

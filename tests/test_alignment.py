@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CORPUS_ID, run_cli, train_without_validation
+from conftest import CORPUS_ID, SCRATCH_MODEL, run_cli, train_without_validation
 from nnssl import align_plans as align_module
 from nnssl import io
 from nnssl.align_plans import swin_patch_within
@@ -199,7 +199,7 @@ def test_one_seed_gives_the_same_checkpoint(ct_task, nnunet_env, tmp_path, worke
         train_without_validation(ct_task.dataset_id, "3d_fullres", "1", "-tr", "SwinUNETR_Scratch_Trainer",
                                  "-device", "cpu", env={**SHORT, "nnUNet_results": str(results),
                                                         "nnUNet_n_proc_DA": workers, "nnssl_seed": "3"}, timeout=SLOW)
-        model = results / ct_task.dataset / "SwinUNETR_Scratch_Trainer__nnUNetPlans__3d_fullres"
+        model = results / ct_task.dataset / SCRATCH_MODEL
         weights.append(torch.load(model / "fold_1" / "checkpoint_final.pth", weights_only=False)["network_weights"])
         assert _settings(model)["seeds"] == {"1": 3}
     assert weights[0].keys() == weights[1].keys()

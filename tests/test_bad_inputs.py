@@ -18,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from conftest import SCRATCH_MODEL
 from nnssl.data.synthetic import write_task
 
 RAW_ONLY_ID = 930  # in $nnUNet_raw, never preprocessed
@@ -127,9 +128,11 @@ def _this_process() -> tuple[str, int, str | None]:
     return socket.gethostname(), os.getpid(), process_start_time(os.getpid())
 
 
-def _damaged_model_plans(root: Path) -> None:
-    model = root / "results" / "Dataset990_SynthCT" / "SwinUNETR_Scratch_Trainer__nnUNetPlans__3d_fullres"
-    _write(model / "plans.json", b'{"dataset_name": "Dataset990_SynthCT", "configurations": {"3d_fu')
+def _damaged_model_plans(trainer: str) -> Callable[[Path], None]:
+    def damage(root: Path) -> None:
+        model = root / "results" / "Dataset990_SynthCT" / f"{trainer}__nnUNetPlans__3d_fullres"
+        _write(model / "plans.json", b'{"dataset_name": "Dataset990_SynthCT", "configurations": {"3d_fu')
+    return damage
 
 
 def _corrupt_latest(root: Path) -> None:
@@ -286,7 +289,10 @@ CASES = [
          "--plan {tmp}/my.json does not exist"),
     Case("train-damaged-model-plans", "nnUNetv2_train", [CT, "3d_fullres", "1", "-tr", "SwinUNETR_Scratch_Trainer",
                                                           "-device", "cpu"], "plans.json is damaged",
-         setup=_damaged_model_plans),
+         setup=_damaged_model_plans("SwinUNETR_Scratch_Trainer")),
+    Case("train-baseline-damaged-model-plans", "nnUNetv2_train", [CT, "3d_fullres", "1", "-tr",
+                                                                   "nnUNetTrainerAdam_nnsslSchedule", "-device", "cpu"],
+         "plans.json is damaged", setup=_damaged_model_plans("nnUNetTrainerAdam_nnsslSchedule")),
     Case("train-fold-not-in-splits", "nnUNetv2_train", [CT, "3d_fullres", "17", "-tr", "SwinUNETR_Scratch_Trainer",
                                                          "-device", "cpu"], "nnssl_fewshot"),
 ]
@@ -315,7 +321,7 @@ def test_bad_input(case: Case, world, tmp_path, monkeypatch, capsys):
             monkeypatch.delenv(key, raising=False)
         else:
             monkeypatch.setenv(key, value)
-    scratch = world.results / "Dataset990_SynthCT" / "SwinUNETR_Scratch_Trainer__nnUNetPlans__3d_fullres"
+    scratch = world.results / "Dataset990_SynthCT" / SCRATCH_MODEL
     argv = [a.replace("{tmp}", str(tmp_path)).replace("{scratch}", str(scratch)) for a in case.argv]
     message = case.message.replace("{tmp}", str(tmp_path))
     before = _snapshot(Path(world.raw).parent) | _snapshot(tmp_path)

@@ -39,6 +39,8 @@ def test_dry_run_measures_every_row_and_writes_them(monkeypatch, capsys, tmp_pat
                         "gpu_inference_sliding_window_tiny_64", "gpu_swin_memory_checkpointing_tiny_64"]
     assert sorted(row["name"] for row in rows) == sorted(expected)
     bench.run.check_rows("bench.bench_gpu", rows)
+    written = (tmp_path / "RESULTS.md").read_text(encoding="utf-8")  # rewritten beside results.json, as make bench does
+    assert all(f"| {name} |" in written for name in expected)
     for row in rows:
         assert row["ours"] > 0 and row["baseline"] > 0, row
         assert row["config"]["device"] == "cpu" and row["config"]["machine"]["gpu"] is None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS_ID, pretrain_run, run_cli, train_without_validation
+from conftest import CORPUS_ID, SCRATCH_MODEL, pretrain_run, run_cli, train_without_validation
 from nnssl.data.synthetic import write_task
 from nnssl.plans import plans_dir
 
@@ -168,7 +168,7 @@ def test_nnunet_weights_and_biases_switch_works_with_our_trainers(ct_task, tmp_p
             "-device", "cpu", env={"nnUNet_wandb_enabled": "1", "nnUNet_wandb_mode": "offline",
                                    "nnUNet_wandb_project": "nnssl-test", "nnUNet_results": str(tmp_path / "results"),
                                    "nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "1"})
-    folder = tmp_path / "results" / ct_task.dataset / "SwinUNETR_Scratch_Trainer__nnUNetPlans__3d_fullres"
+    folder = tmp_path / "results" / ct_task.dataset / SCRATCH_MODEL
     assert list((folder / "fold_1" / "wandb").glob("offline-run-*")), "no offline W&B run in the fold folder"
 
 

@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import BIN, pretrain_run, run_cli, train_without_validation
+from conftest import BIN, SCRATCH_MODEL, pretrain_run, run_cli, train_without_validation
 from nnssl.checkpoints import EncoderCheckpoint, load_encoder_file, load_encoder_weights, save_encoder
 from nnssl.data.synthetic import LABELS
 from nnssl.methods.registry import list_methods
@@ -274,7 +274,7 @@ def test_sigterm_saves_and_continue_restarts_the_interrupted_epoch(ct_task, tmp_
     # 6 iterations: epoch 1 is still training when the signal arrives (acted on after a training iteration)
     env = {"nnUNet_results": str(tmp_path), "nnssl_num_epochs": "3", "nnssl_iterations_per_epoch": "6",
            "nnssl_save_every": "100"}
-    fold = tmp_path / ct_task.dataset / "SwinUNETR_Scratch_Trainer__nnUNetPlans__3d_fullres" / "fold_0"
+    fold = tmp_path / ct_task.dataset / SCRATCH_MODEL / "fold_0"
     command = [str(BIN / "nnUNetv2_train"), str(ct_task.dataset_id), "3d_fullres", "0", "-tr",
                "SwinUNETR_Scratch_Trainer", "-device", "cpu"]
     log = tmp_path / "first_run.txt"

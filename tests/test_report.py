@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SCRATCH_MODEL
 from nnssl.analysis.report import make_report
 from nnssl.analysis.results import dataset_modality, method_family, shot_setting
 from nnssl.analysis.summary_tables import convergence, descending_ranks
@@ -294,7 +295,7 @@ def test_unreadable_checkpoints_are_skipped_with_a_note(tmp_path, monkeypatch, d
     results = tmp_path / "results" / "Dataset801_CTa"
     final = results / "SwinUNETR_DINO_Trainer__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth"
     final.write_bytes(final.read_bytes()[:200])  # truncated by a kill
-    latest = results / "SwinUNETR_Scratch_Trainer__nnUNetPlans__3d_fullres" / "fold_1" / "checkpoint_latest.pth"
+    latest = results / SCRATCH_MODEL / "fold_1" / "checkpoint_latest.pth"
     latest.write_text("not a torch file")  # foreign
     tables = make_report(datasets=["801"], output=tmp_path / "out")
     folds = {(r["method"], r["fold"]): r for r in tables["folds"]}

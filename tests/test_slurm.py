@@ -22,7 +22,7 @@ from nnssl.benchmark.slurm_job import outcome_path
 from nnssl.errors import NnsslError
 from nnssl.io import save_json
 
-from conftest import CORPUS_ID, TINY_PRETRAIN, run_cli
+from conftest import CORPUS_ID, SCRATCH_MODEL, TINY_PRETRAIN, run_cli
 
 CORPUS = f"Dataset{CORPUS_ID:03d}_CTcorpus"
 WAIT_SECONDS = 1500  # bound on every wait for the cluster (its node is shared with every other test run)
@@ -119,8 +119,7 @@ def test_study_runs_through_slurm_to_the_report(slurm, study_folders, ct_task, t
     plan = _study_plan(tmp_path / "plan.json", ct_task)
     out = tmp_path / "out"
     # a checkpoint of the scratch 2-shot fold without network weights: that fine-tuning (run with --c) fails
-    broken = Path(study_folders["nnUNet_results"]) / ct_task.dataset / \
-        "SwinUNETR_Scratch_Trainer__nnUNetPlans__3d_fullres" / "fold_5" / "checkpoint_latest.pth"
+    broken = Path(study_folders["nnUNet_results"]) / ct_task.dataset / SCRATCH_MODEL / "fold_5" / "checkpoint_latest.pth"
     broken.parent.mkdir(parents=True)
     torch.save({"current_epoch": 0}, broken)
     args = ("nnssl_benchmark", "--plan", plan, "--device", "cpu", "-o", out, "--executor", "slurm",
