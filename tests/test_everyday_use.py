@@ -164,12 +164,17 @@ def test_imported_trainer_takes_an_encoder_of_any_method_from_the_knob(ct_task, 
 
 def test_nnunet_weights_and_biases_switch_works_with_our_trainers(ct_task, tmp_path):
     pytest.importorskip("wandb", reason="wandb is not installed (pip install wandb); nnU-Net's W&B logger needs it")
-    run_cli("nnUNetv2_train", ct_task.dataset_id, "3d_fullres", "1", "-tr", "SwinUNETR_Scratch_Trainer",
-            "-device", "cpu", env={"nnUNet_wandb_enabled": "1", "nnUNet_wandb_mode": "offline",
-                                   "nnUNet_wandb_project": "nnssl-test", "nnUNet_results": str(tmp_path / "results"),
-                                   "nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "1"})
+    # nnU-Net's logger logs per epoch; its final validation adds nothing to W&B
+    train_without_validation(ct_task.dataset_id, "3d_fullres", "1", "-tr", "SwinUNETR_Scratch_Trainer", "-device",
+                             "cpu", env={"nnUNet_wandb_enabled": "1", "nnUNet_wandb_mode": "offline",
+                                         "nnUNet_wandb_project": "nnssl-test", "nnUNet_results": str(tmp_path / "results"),
+                                         "nnssl_num_epochs": "1", "nnssl_iterations_per_epoch": "1"})
     folder = tmp_path / "results" / ct_task.dataset / SCRATCH_MODEL
-    assert list((folder / "fold_1" / "wandb").glob("offline-run-*")), "no offline W&B run in the fold folder"
+    runs = list((folder / "fold_1" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, "no offline W&B run in the fold folder"
+    logged = runs[0].read_bytes()  # protobuf records: the logged keys are stored as plain UTF-8
+    assert all(key in logged for key in (b"train_losses", b"val_losses", b"lrs", b"mean_fg_dice")), \
+        "the epoch's losses, learning rate and Dice did not reach W&B"
 
 
 def test_mic_dkfz_nnssl_beside_ours_is_refused(nnunet_env, tmp_path):
