@@ -339,6 +339,8 @@ def test_seed_repeats_are_pooled_and_their_noise_reported(tmp_path, monkeypatch,
     assert (pooled["folds"], pooled["seeds"], pooled["cases"], pooled["family"]) == (2, 2, 8, "mim")
     assert pooled["dice_mean"] == pytest.approx(0.55)  # 4.4 / 8 cases
     assert pooled["dice_fold_std"] == pytest.approx(math.sqrt(0.02))  # fold means over seeds: 0.65 and 0.45
+    curves = row(tables["convergence"], method="simmim", shot="many-shot")  # averaged over 2 folds x 2 seeds
+    assert (curves["folds"], curves["seeds"]) == (2, 2)
     noise = row(tables["seed_noise"], method="simmim")
     assert noise["seed_dice"] == "0.600 0.500" and noise["seed_std"] == pytest.approx(math.sqrt(0.005))
     assert noise["methods_std"] == pytest.approx(0.15 / math.sqrt(2))  # ranked methods: simmim 0.55, dino 0.4

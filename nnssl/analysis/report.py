@@ -196,8 +196,8 @@ def _markdown(runs: list[FoldRun], tables: dict[str, list[dict]], notes: list[st
          "gap", ["task", "method", "shot", "many_shot_dice", "few_shot_dice", "gap", "relative_gap"]),
         ("Convergence", "From the EMA pseudo-Dice nnU-Net logs per epoch: epochs until it first reaches 90% "
          "and 95% of its final value, and its area under the curve per epoch (mean over epochs); averaged "
-         "over folds.", "convergence",
-         ["task", "method", "shot", "folds", "epochs", "epochs_to_90", "epochs_to_95", "auc", "final_pseudo_dice",
+         "over the folds of every seed.", "convergence",
+         ["task", "method", "shot", "folds", "seeds", "epochs", "epochs_to_90", "epochs_to_95", "auc", "final_pseudo_dice",
           "final_val_loss"]),
         ("CT vs MRI tasks", "Mean Dice and average rank over the CT tasks and over the MRI tasks "
          "(transfer from CT pretraining to MRI).", "modality",

@@ -129,13 +129,14 @@ def gap_table(dice_rows: list[dict]) -> list[dict[str, Any]]:
 
 
 def convergence_table(runs: list[FoldRun]) -> list[dict[str, Any]]:
-    """Per task x method x shot: convergence measures (:func:`convergence`) averaged over folds."""
+    """Per task x method x shot: convergence measures (:func:`convergence`) averaged over its runs (every fold of
+    every seed repeat); ``folds`` and ``seeds`` count them as the Dice table does."""
     rows = []
     with_log = (r for r in runs if r.logging.get("ema_fg_dice"))
     for (task, method, shot), group in group_runs(with_log, "task", "method", "shot").items():
         measures = [convergence(r.logging["ema_fg_dice"]) for r in group]
         row = {"task": task, "modality": group[0].modality, "method": method, "family": group[0].family,
-               "shot": shot, "folds": len(group),
+               "shot": shot, "folds": len({r.fold for r in group}), "seeds": len({r.seed_repeat for r in group}),
                "epochs": float(np.mean([len(r.logging["ema_fg_dice"]) for r in group]))}
         for key in measures[0]:
             row[key] = float(np.nanmean([m[key] for m in measures])) if any(
