@@ -36,7 +36,7 @@ def saved_model_plans(model_folder: str | Path) -> dict | None:
     if not saved.is_file():
         return None
     try:
-        plans = load_json(saved, wait_s=CONCURRENT_WRITE_WAIT_S)
+        plans = _load_json(saved)
         if not isinstance(plans.get("configurations"), dict):
             raise ValueError("no 'configurations' section")
     except (ValueError, AttributeError) as err:

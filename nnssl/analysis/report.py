@@ -197,8 +197,8 @@ def _markdown(runs: list[FoldRun], tables: dict[str, list[dict]], notes: list[st
         ("Convergence", "From the EMA pseudo-Dice nnU-Net logs per epoch: epochs until it first reaches 90% "
          "and 95% of its final value, and its area under the curve per epoch (mean over epochs); averaged "
          "over the folds of every seed.", "convergence",
-         ["task", "method", "shot", "folds", "seeds", "epochs", "epochs_to_90", "epochs_to_95", "auc", "final_pseudo_dice",
-          "final_val_loss"]),
+         ["task", "method", "shot", "folds", "seeds", "epochs", "epochs_to_90", "epochs_to_95", "auc",
+          "final_pseudo_dice", "final_val_loss"]),
         ("CT vs MRI tasks", "Mean Dice and average rank over the CT tasks and over the MRI tasks "
          "(transfer from CT pretraining to MRI).", "modality",
          ["method", "family", "shot", "CT_tasks", "CT_dice", "CT_rank", "MRI_tasks", "MRI_dice", "MRI_rank",
