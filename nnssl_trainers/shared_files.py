@@ -37,8 +37,9 @@ def saved_model_plans(model_folder: str | Path) -> dict | None:
         return None
     try:
         plans = _load_json(saved)
-        if not isinstance(plans.get("configurations"), dict):
-            raise ValueError("no 'configurations' section")
+        configurations = plans.get("configurations")
+        if not isinstance(configurations, dict) or not all(isinstance(c, dict) for c in configurations.values()):
+            raise ValueError("'configurations' is not a mapping of configurations")
     except (ValueError, AttributeError) as err:
         raise NnsslError(f"{saved} is damaged ({type(err).__name__}: {err}). Restore it from a backup, or copy "
                          f"the plans file from $nnUNet_preprocessed if no fold of this model was trained.") from None

@@ -39,9 +39,8 @@ def own_preprocessed(ct_task, tmp_path, monkeypatch) -> Path:
     return root / ct_task.dataset
 
 
-# Starts nnU-Net's own nnUNetv2_train entry point in N processes forked at the same instant from one interpreter that
-# has imported nnU-Net and our trainers once (an interpreter start per job would cost more than the training), and
-# has run nnU-Net's trainer search once (it imports every trainer module nnU-Net ships).
+# nnU-Net's final validation without its test-time mirroring (prefix this to a launcher script): the same files,
+# one prediction per window instead of eight.
 UNMIRRORED_VALIDATION = """
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 validate = nnUNetTrainer.perform_actual_validation
@@ -50,6 +49,10 @@ def validate_unmirrored(self, *args, **kwargs):
     return validate(self, *args, **kwargs)
 nnUNetTrainer.perform_actual_validation = validate_unmirrored
 """
+
+# Starts nnU-Net's own nnUNetv2_train entry point in N processes forked at the same instant from one interpreter that
+# has imported nnU-Net and our trainers once (an interpreter start per job would cost more than the training), and
+# has run nnU-Net's trainer search once (it imports every trainer module nnU-Net ships).
 FORK_TRAININGS = """
 import json, os, sys, traceback
 from nnunetv2.run.run_training import run_training_entry

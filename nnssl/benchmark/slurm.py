@@ -156,7 +156,7 @@ def plan_submissions(plan: StudyPlan, statuses: Sequence[JobResult], records: di
     submit: list[Job] = []
     for job in plan.jobs:
         status = by_id[job.id].status
-        if status in (QUEUED, RUNNING, ALREADY_DONE) or job.state == DONE:
+        if status in (QUEUED, RUNNING) or job.state == DONE:  # done: its files exist, whoever made them
             continue
         submitted = {j.id for j in submit}
         if status == OK and not any(d in submitted for d in (*job.deps, *job.after)):
