@@ -63,14 +63,18 @@ def test_fast_swinunetr_under_autocast_is_finite_and_close_to_fp32(dtype):
         loss.backward()
         results[name] = (out.detach().float(), loss.detach(), {k: p.grad.clone() for k, p in net.named_parameters()})
     out, loss, grads = results["autocast"]
-    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads.values())
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for r in results.values() for g in r[2].values())
     assert _relative_difference(out, results["fp32"][0]) < TOLERANCE[dtype]
     assert _relative_difference(loss, results["fp32"][1]) < TOLERANCE[dtype]
     # single weights' gradients are not compared: where a leaky ReLU's input is within rounding of 0 its slope
     # flips between 0.01 and 1, which moves small deep-layer gradients by their own size; the gradient as a
     # whole keeps its direction
     flat = {name: torch.cat([g.flatten() for g in result[2].values()]) for name, result in results.items()}
-    assert torch.nn.functional.cosine_similarity(flat["autocast"], flat["fp32"], dim=0) > 1 - TOLERANCE[dtype]
+    cosine = torch.nn.functional.cosine_similarity(flat["autocast"], flat["fp32"], dim=0)
+    # the parts of the cosine in the message: one CI run saw exactly 0 for gradients that print alike
+    assert cosine > 1 - TOLERANCE[dtype], (f"dot {flat['autocast'] @ flat['fp32']}, norms "
+                                           f"{flat['autocast'].norm()} {flat['fp32'].norm()}, {flat['fp32'].numel()} "
+                                           f"values, torch threads {torch.get_num_threads()}")
 
 
 def _batch(name: str, method: torch.nn.Module, batch_size: int = 4) -> dict[str, torch.Tensor]:
