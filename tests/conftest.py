@@ -129,6 +129,33 @@ def built_once(tmp_path_factory, name: str, build: Callable[[NnunetFolders], Non
     return NnunetFolders.under(root)
 
 
+OUR_VARIABLES = ("nnssl_", "nnUNet_")  # the knobs and folders our code reads; libraries may set their own on import
+
+
+@pytest.fixture(autouse=True)
+def environment_left_as_found(request):
+    """Fail the test that leaves an nnssl_/nnUNet_ variable changed in os.environ (set them through monkeypatch), and
+    restore them, so that a later test on the same xdist worker cannot depend on which tests ran before it."""
+    before = {k: v for k, v in os.environ.items() if k.startswith(OUR_VARIABLES)}
+    yield
+    after = {k: v for k, v in os.environ.items() if k.startswith(OUR_VARIABLES)}
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    for key in after.keys() - before.keys():
+        del os.environ[key]
+    os.environ.update(before)
+    if changed:
+        pytest.fail(f"{request.node.nodeid} left these environment variables changed: {changed}", pytrace=False)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for a test of tiny networks: on a shared 2-core machine a second thread mostly waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def nnunet_env(tmp_path_factory) -> NnunetFolders:
     """Session-wide nnU-Net/nnssl folders, exported as environment variables for every subprocess."""

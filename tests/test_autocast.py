@@ -36,12 +36,7 @@ SMALL_HEADS = {"simclr": {"hidden_dim": 32, "proj_dim": 16}, "mocov3": {"hidden_
 CROP = {"swinssl": (64, 32, 32)}  # swinssl's heads need two last-stage tokens; others take the smallest crop
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: on a shared 2-core machine a second thread mostly waits
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _relative_difference(value: torch.Tensor, reference: torch.Tensor) -> float:

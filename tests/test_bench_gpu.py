@@ -24,14 +24,13 @@ def test_full_benchmark_refuses_to_run_without_cuda(capsys, tmp_path):
     assert not results.exists()
 
 
-def test_dry_run_measures_every_row_and_writes_them(monkeypatch, capsys, tmp_path):
+def test_dry_run_measures_every_row_and_writes_them(monkeypatch, capsys, tmp_path, one_torch_thread):
     # the dry-run sizes with one variant, one method and one step per memory probe: every function of the script,
     # in a fraction of the time
     sizes = replace(bench_gpu.SIZES["cpu"], variants={"fp32": {"precision": "fp32"}}, methods=["simmim"],
                     memory_steps=1)
     monkeypatch.setitem(bench_gpu.SIZES, "cpu", sizes)
     results = tmp_path / "results.json"
-    torch.set_num_threads(1)
     assert bench_gpu.main(["--device", "cpu", "--results", str(results)]) == 0
     rows = json.loads(results.read_text(encoding="utf-8"))
     expected = bench_gpu.row_names(sizes)

@@ -22,14 +22,11 @@ PATCH = (32, 32, 64)
 
 
 @pytest.fixture(autouse=True)
-def fresh_dynamo():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny graphs: a second thread mostly waits for a core on a shared machine
+def fresh_dynamo(one_torch_thread):
     dynamo.reset()
     counters.clear()
     yield
     dynamo.reset()
-    torch.set_num_threads(threads)
 
 
 def _network(preset: str = "tiny", use_checkpoint: bool = False) -> torch.nn.Module:

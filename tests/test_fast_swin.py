@@ -23,13 +23,7 @@ from nnssl.networks.fast_swin import FastSwinUNETR
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these networks are tiny: on a shared 2-core machine a second intra-op thread mostly waits for a core
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pair(network: str, preset_name: str, dtype: torch.dtype, **kwargs) -> tuple[torch.nn.Module, torch.nn.Module]:

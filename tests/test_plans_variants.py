@@ -46,7 +46,7 @@ def test_unknown_knob_and_missing_source_are_clear_errors(tmp_path):
 
 def test_knobs_are_defaults_the_environment_overrides(monkeypatch):
     monkeypatch.setenv("nnssl_seed", "3")
-    monkeypatch.delenv("nnssl_encoder_file", raising=False)
+    monkeypatch.setenv("nnssl_encoder_file", "")  # unset as far as knobs go; monkeypatch restores what the call sets
     plans = {**PLANS, "nnssl_variant": {"of": "nnsslPlans", "name": "x",
                                         "knobs": {"nnssl_seed": "1", "nnssl_encoder_file": "/enc/x.pth"}}}
     assert apply_variant_knobs(plans) == {"nnssl_encoder_file": "/enc/x.pth"}
